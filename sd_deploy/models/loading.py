@@ -1,0 +1,100 @@
+"""`load_models`: one entry point from whatever the user has to reference modules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from sd_deploy.errors import CheckpointError, UserError
+from sd_deploy.models.presets import ModelConfig, get_preset
+from sd_deploy.models.text_encoder import TextEncoder
+from sd_deploy.models.unet import UNetModel
+from sd_deploy.models.vae import AutoencoderKL
+
+# Name users pass (or omit) for the small trained model shipped inside the package.
+DEFAULT_MODEL = "default"
+
+
+@dataclass
+class LoadedModels:
+    """The three networks, their config, and where they came from (for the manifest)."""
+
+    unet: UNetModel
+    vae: AutoencoderKL
+    text_encoder: TextEncoder
+    config: ModelConfig
+    source: str
+    source_sha256: str | None = None
+    # A diffusers folder brings its own tokenizer files; otherwise the packaged CLIP BPE.
+    tokenizer_dir: Path | None = None
+
+    def to(self, dtype: torch.dtype) -> LoadedModels:
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(dtype)
+        return self
+
+    def eval(self) -> LoadedModels:
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.eval().requires_grad_(False)
+        return self
+
+
+def build_random(config: ModelConfig, seed: int = 0) -> LoadedModels:
+    """Seeded random weights for a preset: for tests and size/speed measurements only."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        models = LoadedModels(
+            unet=UNetModel(config.unet),
+            vae=AutoencoderKL(config.vae),
+            text_encoder=TextEncoder(config.text_encoder),
+            config=config,
+            source=f"preset:{config.family}:random-seed-{seed}",
+        )
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return models.eval()
+
+
+def load_models(
+    source: str | Path | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    random_init: bool = False,
+    seed: int = 0,
+    family: str | None = None,
+    prediction_type: str | None = None,
+) -> LoadedModels:
+    """Load reference modules from a checkpoint file, diffusers folder, or the default model.
+
+    source: a `.safetensors`/`.ckpt`/`.pt` file, a diffusers folder, None / "default"
+    for the packaged trained model, or a preset name together with `random_init=True`.
+    family / prediction_type override what is detected from the weights.
+    """
+    from sd_deploy.models import checkpoints
+
+    if random_init:
+        name = family or (str(source) if source not in (None, DEFAULT_MODEL) else None)
+        if name is None:
+            raise UserError("random weights need a preset name (e.g. --model tiny --random-weights)")
+        config = get_preset(name)
+        if prediction_type:
+            config = config.with_prediction_type(prediction_type)
+        models = build_random(config, seed)
+    elif source in (None, DEFAULT_MODEL):
+        models = checkpoints.load_default_model()
+    else:
+        path = Path(source)
+        if not path.exists():
+            hint = " (a preset name needs --random-weights)" if str(source) in _preset_names() else ""
+            raise CheckpointError(f"model source {source} does not exist{hint}")
+        models = checkpoints.load_checkpoint(path, family=family, prediction_type=prediction_type)
+    return models.to(dtype).eval()
+
+
+def _preset_names() -> tuple[str, ...]:
+    from sd_deploy.models.presets import PRESETS
+
+    return tuple(PRESETS)

@@ -1,0 +1,135 @@
+"""Architecture presets: the configurations of the real Stable Diffusion families.
+
+A preset says what the networks look like, never what their weights are: building one
+from a preset alone needs an explicit `random_init=True` (CLI: `--random-weights`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from sd_deploy.errors import UserError
+from sd_deploy.models.text_encoder import TextEncoderConfig
+from sd_deploy.models.unet import UNetConfig
+from sd_deploy.models.vae import VAEConfig
+
+SD_SCHEDULER: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything about a model that is not weights: architectures plus how to sample it."""
+
+    family: str
+    unet: UNetConfig
+    vae: VAEConfig
+    text_encoder: TextEncoderConfig
+    prediction_type: str = "epsilon"
+    default_size: int = 512
+    # SD 1.x pads prompts with EOS; SD 2.x (OpenCLIP) pads with 0.
+    pad_token_id: int = 49407
+    scheduler: dict[str, Any] = field(default_factory=lambda: dict(SD_SCHEDULER))
+    default_sampler: str = "dpmpp_2m_karras"
+    default_steps: int = 30
+    default_guidance: float = 7.5
+
+    @property
+    def latent_channels(self) -> int:
+        return self.unet.in_channels
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return self.vae.downsample_factor
+
+    def scheduler_config(self) -> dict[str, Any]:
+        """diffusers-style scheduler config plus the defaults sd-run uses."""
+        return {
+            **self.scheduler,
+            "prediction_type": self.prediction_type,
+            "default_sampler": self.default_sampler,
+            "default_steps": self.default_steps,
+            "default_guidance": self.default_guidance,
+        }
+
+    def with_prediction_type(self, prediction_type: str) -> ModelConfig:
+        if prediction_type not in ("epsilon", "v_prediction"):
+            raise UserError(
+                f"prediction type {prediction_type!r} is not one of epsilon, v_prediction"
+            )
+        return replace(self, prediction_type=prediction_type)
+
+
+_SD1_TEXT = TextEncoderConfig()
+_SD2_TEXT = TextEncoderConfig(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=23,
+    num_attention_heads=16,
+    hidden_act="gelu",
+)
+_SD2_UNET = UNetConfig(
+    num_head_channels=64, context_dim=1024, use_linear_in_transformer=True, upcast_attention=True
+)
+
+PRESETS: dict[str, ModelConfig] = {
+    "sd15": ModelConfig("sd15", UNetConfig(), VAEConfig(), _SD1_TEXT),
+    "sd21": ModelConfig(
+        "sd21", _SD2_UNET, VAEConfig(), _SD2_TEXT,
+        prediction_type="v_prediction", default_size=768, pad_token_id=0,
+    ),
+    "sd21-base": ModelConfig(
+        "sd21-base", replace(_SD2_UNET, upcast_attention=False), VAEConfig(), _SD2_TEXT,
+        pad_token_id=0,
+    ),
+    # A few M parameters through every code path of the real ones (conv and linear
+    # projections, head count and head channels, skip convs, 8x VAE) for fast tests.
+    "tiny": ModelConfig(
+        "tiny",
+        UNetConfig(
+            model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1, 2),
+            context_dim=64, num_heads=2, transformer_depth=1,
+        ),
+        VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
+        TextEncoderConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2
+        ),
+        default_size=64,
+        default_steps=10,
+    ),
+    "tiny-v": ModelConfig(
+        "tiny-v",
+        UNetConfig(
+            model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(2,),
+            context_dim=64, num_head_channels=16, use_linear_in_transformer=True,
+            upcast_attention=True,
+        ),
+        VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1),
+        TextEncoderConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+            hidden_act="gelu",
+        ),
+        prediction_type="v_prediction",
+        default_size=64,
+        pad_token_id=0,
+        default_steps=10,
+    ),
+}  # fmt: skip
+
+
+def get_preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise UserError(
+            f"unknown model preset {name!r}; known presets: {', '.join(PRESETS)}"
+        ) from None

@@ -1,0 +1,55 @@
+"""Text encoders: the CLIP text towers Stable Diffusion conditions on.
+
+SD 1.x uses OpenAI CLIP ViT-L/14's text tower (transformers `CLIPTextModel`, ldm key
+prefix `cond_stage_model.transformer.`). SD 2.x uses OpenCLIP ViT-H/14's tower and
+takes the penultimate layer's output through the final layer norm; a
+`CLIPTextModel` with the last layer dropped computes exactly that, which is how it is
+built here (OpenCLIP weights are converted in `checkpoints.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TextEncoderConfig:
+    """The `CLIPTextConfig` fields that differ between SD families."""
+
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12  # layers actually run (SD 2.x: 23 of OpenCLIP's 24)
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"  # OpenAI CLIP; OpenCLIP ViT-H uses "gelu"
+    layer_norm_eps: float = 1e-5
+
+    def to_transformers(self):  # -> transformers.CLIPTextConfig
+        from transformers import CLIPTextConfig
+
+        return CLIPTextConfig(
+            **asdict(self), bos_token_id=49406, eos_token_id=49407, pad_token_id=49407
+        )
+
+
+class TextEncoder(nn.Module):
+    """input_ids [B,77] (any int dtype) -> hidden states [B,77,D] the UNet attends to."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        from transformers import CLIPTextModel
+
+        self.config = config
+        self.model = CLIPTextModel(config.to_transformers())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        # transformers >= 5.6 flattened CLIPTextModel (no `.text_model`); older ones nest it.
+        return getattr(self.model, "text_model", self.model).final_layer_norm.weight.dtype
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids.long()).last_hidden_state
