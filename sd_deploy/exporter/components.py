@@ -1,0 +1,148 @@
+"""What each exported graph is: its module, fixed I/O names, symbolic shapes, sample inputs.
+
+These names and shapes are the contract the runtime, the TensorRT builder and a
+C++ caller rely on (recorded in manifest.json). Pre/post-processing that every
+caller would otherwise repeat lives inside the graphs:
+
+- vae_decoder takes the sampler's (scaled) latent and returns RGB in [0, 1];
+- vae_encoder takes RGB in [0, 1] and returns the scaled latent mean and std;
+- text_encoder takes int32 ids (no int64 needed by callers);
+- unet takes float32 timesteps (fractional for Karras/Euler samplers) in any precision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from sd_deploy.models import LoadedModels
+from sd_deploy.models.vae import VAEDecoder, VAEEncoder
+
+IO_CONVENTIONS = {
+    "text_encoder": "input_ids: int32 CLIP BPE ids, BOS first, EOS after the text, padded with "
+    "tokenizer.pad_token_id to max_length; output: hidden states the UNet attends to",
+    "unet": "sample: the scheduler-scaled latent; timestep: float32, one per batch row; "
+    "encoder_hidden_states: text_encoder output; model_output: epsilon or v per "
+    "model.prediction_type. With guidance run uncond and cond rows in one call",
+    "vae_decoder": "latent: the sampler's latent (scaling_factor is applied inside); "
+    "images: RGB NCHW in [0, 1]",
+    "vae_encoder": "images: RGB NCHW in [0, 1]; latent_mean / latent_std: already multiplied "
+    "by scaling_factor, so latent = latent_mean + latent_std * N(0, 1)",
+}
+
+
+class TextEncoderGraph(nn.Module):
+    """int32 ids in, hidden states out."""
+
+    def __init__(self, models: LoadedModels) -> None:
+        super().__init__()
+        self.text_encoder = models.text_encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids.long())
+
+
+class UNetGraph(nn.Module):
+    """The UNet with float32 timesteps whatever the graph precision."""
+
+    def __init__(self, models: LoadedModels) -> None:
+        super().__init__()
+        self.unet = models.unet
+
+    def forward(
+        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        return self.unet(sample, timestep.float(), encoder_hidden_states)
+
+
+@dataclass(frozen=True)
+class GraphInput:
+    name: str
+    shape: tuple[int | str, ...]
+    kind: str  # "float" follows the graph precision; "float32" / "int32" are fixed
+
+
+@dataclass(frozen=True)
+class ComponentGraph:
+    """One exportable component."""
+
+    name: str
+    build: Callable[[LoadedModels], nn.Module]
+    inputs: tuple[GraphInput, ...]
+    outputs: tuple[tuple[str, tuple[int | str, ...]], ...]
+
+    def input_dtype(self, graph_input: GraphInput, fp16: bool) -> str:
+        if graph_input.kind == "float":
+            return "float16" if fp16 else "float32"
+        return graph_input.kind
+
+
+def component_graphs(models: LoadedModels) -> dict[str, ComponentGraph]:
+    """The four graphs with shapes filled in from this model's sizes."""
+    cfg = models.config
+    text_dim = cfg.text_encoder.hidden_size
+    tokens = cfg.text_encoder.max_position_embeddings
+    lat = cfg.latent_channels
+    latent_shape = ("batch", lat, "latent_height", "latent_width")
+    image_shape = ("batch", 3, "height", "width")
+    unet_latent = ("cfg_batch", lat, "latent_height", "latent_width")
+    return {
+        "text_encoder": ComponentGraph(
+            "text_encoder",
+            TextEncoderGraph,
+            (GraphInput("input_ids", ("cfg_batch", tokens), "int32"),),
+            (("text_embeddings", ("cfg_batch", tokens, text_dim)),),
+        ),
+        "unet": ComponentGraph(
+            "unet",
+            UNetGraph,
+            (
+                GraphInput("sample", unet_latent, "float"),
+                GraphInput("timestep", ("cfg_batch",), "float32"),
+                GraphInput("encoder_hidden_states", ("cfg_batch", tokens, text_dim), "float"),
+            ),
+            (("model_output", unet_latent),),
+        ),
+        "vae_decoder": ComponentGraph(
+            "vae_decoder",
+            lambda m: VAEDecoder(m.vae),
+            (GraphInput("latent", latent_shape, "float"),),
+            (("images", image_shape),),
+        ),
+        "vae_encoder": ComponentGraph(
+            "vae_encoder",
+            lambda m: VAEEncoder(m.vae),
+            (GraphInput("images", image_shape, "float"),),
+            (("latent_mean", latent_shape), ("latent_std", latent_shape)),
+        ),
+    }
+
+
+def sample_inputs(
+    graph: ComponentGraph, shapes: dict[str, list[int]], fp16: bool, seed: int
+) -> dict[str, np.ndarray]:
+    """Seeded inputs of realistic magnitude for export tracing and validation."""
+    rng = np.random.default_rng(seed)
+    arrays: dict[str, np.ndarray] = {}
+    for graph_input in graph.inputs:
+        shape = shapes[graph_input.name]
+        dtype = np.dtype(graph.input_dtype(graph_input, fp16))
+        if graph_input.name == "input_ids":
+            ids = rng.integers(0, 49406, size=shape)
+            ids[:, 0] = 49406
+            length = rng.integers(2, shape[1], size=shape[0])
+            for row, n in enumerate(length):
+                ids[row, n] = 49407
+                ids[row, n + 1 :] = 49407
+            arrays[graph_input.name] = ids.astype(dtype)
+        elif graph_input.name == "timestep":
+            arrays[graph_input.name] = rng.uniform(0, 999, size=shape).astype(dtype)
+        elif graph_input.name == "images":
+            arrays[graph_input.name] = rng.uniform(0, 1, size=shape).astype(dtype)
+        else:
+            arrays[graph_input.name] = rng.standard_normal(size=shape).astype(dtype)
+    return arrays

@@ -1,0 +1,219 @@
+"""`export_engine_dir`: reference modules -> validated ONNX graphs + manifest, atomically."""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import hashlib
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+import sd_deploy
+from sd_deploy.errors import ExportError
+from sd_deploy.exporter.components import IO_CONVENTIONS, ComponentGraph, component_graphs, sample_inputs
+from sd_deploy.exporter.engine_dir import existing_manifest, link_or_copy, model_identity, staged_dir
+from sd_deploy.exporter.onnx_export import export_module, export_onnx, finalize_onnx
+from sd_deploy.exporter.validate import validate_component
+from sd_deploy.models import LoadedModels
+from sd_deploy.runtime import shapes
+from sd_deploy.runtime.manifest import (
+    COMPONENTS,
+    ComponentSpec,
+    Manifest,
+    ModelInfo,
+    ShapeRanges,
+    TensorSpec,
+    TokenizerInfo,
+)
+
+DEFAULT_OPSET = 17
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_components(names: Sequence[str]) -> list[str]:
+    """'all' or component names -> ordered unique list; unknown names are a user error."""
+    result: list[str] = []
+    for name in names:
+        wanted = COMPONENTS if name == "all" else (name,)
+        for n in wanted:
+            if n not in COMPONENTS:
+                raise ExportError(
+                    f"unknown component {n!r}; choose from {', '.join(COMPONENTS)} or all"
+                )
+            if n not in result:
+                result.append(n)
+    return result
+
+
+def validation_shapes(
+    graph: ComponentGraph, ranges: ShapeRanges, vae_scale_factor: int
+) -> list[dict[str, list[int]]]:
+    """Two shapes inside the ranges: the optimum (guided) and the minimum (unguided)."""
+    opt = shapes.symbol_values(ranges.batch.opt, ranges.height.opt, ranges.width.opt, vae_scale_factor)
+    low = shapes.symbol_values(
+        ranges.batch.min, ranges.height.min, ranges.width.min, vae_scale_factor, guided=False
+    )
+    return [{i.name: shapes.resolve(i.shape, v) for i in graph.inputs} for v in (opt, low)]
+
+
+def export_component(
+    models: LoadedModels,
+    graph: ComponentGraph,
+    stage: Path,
+    fp16: bool,
+    ranges: ShapeRanges,
+    opset: int,
+    validate: bool,
+    bar: Any,
+) -> ComponentSpec:
+    """Export, pack and (optionally) validate one component inside the staging dir."""
+    precision = "fp16" if fp16 else "fp32"
+    scale = models.config.vae_scale_factor
+    reference = graph.build(models).eval()
+    module = export_module(reference, fp16)
+    trace_shapes = validation_shapes(graph, ranges, scale)[0]
+    example = {
+        k: torch.from_numpy(v) for k, v in sample_inputs(graph, trace_shapes, fp16, seed=0).items()
+    }
+    out_dir = stage / graph.name
+    raw_dir = stage / f".{graph.name}.raw"
+    raw_dir.mkdir()
+    out_dir.mkdir()
+    bar.set_description(f"export {graph.name} ({precision})")
+    export_onnx(module, graph, example, raw_dir / "model.onnx", opset)
+    del module
+    gc.collect()
+    files = finalize_onnx(raw_dir / "model.onnx", out_dir / "model.onnx")
+    shutil.rmtree(raw_dir)
+    bar.update(1)
+
+    validation: dict[str, Any] = {"validated": False, "reason": "--no-validate"}
+    if validate:
+        bar.set_description(f"validate {graph.name} ({precision})")
+        validation = validate_component(
+            out_dir / "model.onnx", reference, graph, validation_shapes(graph, ranges, scale), precision
+        )
+    bar.update(1)
+    inputs = [(i.name, i.shape) for i in graph.inputs]
+    return ComponentSpec(
+        name=graph.name,
+        onnx=f"{graph.name}/model.onnx",
+        files=[f"{graph.name}/{f.name}" for f in files],
+        precision=precision,
+        inputs=[TensorSpec(i.name, graph.input_dtype(i, fp16), list(i.shape)) for i in graph.inputs],
+        outputs=[
+            TensorSpec(name, "float16" if fp16 else "float32", list(shape))
+            for name, shape in graph.outputs
+        ],
+        shape_ranges=ranges,
+        profile_shapes=shapes.profile_shapes(inputs, ranges, scale),
+        onnx_sha256=sha256_file(out_dir / "model.onnx"),
+        validation=validation,
+    )
+
+
+def write_tokenizer(models: LoadedModels, dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    if models.tokenizer_dir is not None:
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copy2(models.tokenizer_dir / name, dest / name)
+    else:
+        from sd_deploy.runtime.tokenizer import write_clip_tokenizer_files
+
+        write_clip_tokenizer_files(dest)
+
+
+def provenance(models: LoadedModels, opset: int, validate: bool) -> dict[str, Any]:
+    import onnx
+
+    return {
+        "source": models.source,
+        "source_sha256": models.source_sha256,
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "sd_deploy_version": sd_deploy.__version__,
+        "torch_version": torch.__version__,
+        "onnx_version": onnx.__version__,
+        "opset": opset,
+        "exporter": "torch.onnx TorchScript-based (dynamo=False)",
+        "validated": validate,
+    }
+
+
+def build_manifest(
+    models: LoadedModels, components: dict[str, ComponentSpec], prov: dict[str, Any]
+) -> Manifest:
+    cfg = models.config
+    return Manifest(
+        model=ModelInfo(
+            family=cfg.family,
+            prediction_type=cfg.prediction_type,
+            latent_channels=cfg.latent_channels,
+            vae_scale_factor=cfg.vae_scale_factor,
+            scaling_factor=cfg.vae.scaling_factor,
+            text_embed_dim=cfg.text_encoder.hidden_size,
+            default_height=cfg.default_size,
+            default_width=cfg.default_size,
+        ),
+        tokenizer=TokenizerInfo(
+            path="tokenizer",
+            max_length=cfg.text_encoder.max_position_embeddings,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=cfg.pad_token_id,
+        ),
+        scheduler=cfg.scheduler_config(),
+        components=dict(sorted(components.items(), key=lambda kv: COMPONENTS.index(kv[0]))),
+        provenance=prov,
+        io_conventions=IO_CONVENTIONS,
+    )
+
+
+def export_engine_dir(
+    models: LoadedModels,
+    out: str | Path,
+    components: Sequence[str] = ("all",),
+    fp16: bool = False,
+    ranges: ShapeRanges | None = None,
+    opset: int = DEFAULT_OPSET,
+    force: bool = False,
+    validate: bool = True,
+    progress: bool = True,
+) -> Manifest:
+    """Export `components` of `models` into the engine dir `out` (created or updated)."""
+    out = Path(out)
+    names = resolve_components(components)
+    ranges = shapes.check_ranges(ranges or shapes.default_ranges(models.config.default_size))
+    prov = provenance(models, opset, validate)
+    old = existing_manifest(out, model_identity(prov), force)
+    graphs = component_graphs(models)
+    specs: dict[str, ComponentSpec] = {}
+    with (
+        staged_dir(out) as stage,
+        tqdm(total=2 * len(names), disable=not progress, unit="step", leave=False) as bar,
+    ):
+        if old is not None:
+            for name, spec in old.components.items():
+                if name not in names:
+                    for rel in spec.files:
+                        link_or_copy(out / rel, stage / rel)
+                    specs[name] = spec
+        for name in names:
+            specs[name] = export_component(
+                models, graphs[name], stage, fp16, ranges, opset, validate, bar
+            )
+        write_tokenizer(models, stage / "tokenizer")
+        manifest = build_manifest(models, specs, prov)
+        manifest.write(stage)
+    return manifest

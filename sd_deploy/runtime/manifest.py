@@ -1,0 +1,224 @@
+"""The engine directory contract: manifest.json, read and written in one place.
+
+Everything the runtime needs to turn an engine directory into images is in the
+manifest or in files it names, so a C++ service can use an engine dir by reading
+this JSON alone. Schema version 1 is documented field by field in docs/engine-dir.md.
+
+Pure Python (json, dataclasses): the exporter writes with it, the runtime and the
+TensorRT builder read with it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sd_deploy.errors import EngineDirError
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+# Components a txt2img run cannot do without; vae_encoder is only needed for img2img.
+REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One graph input or output: name, numpy dtype name, symbolic shape.
+
+    Shape entries are ints (fixed) or strings naming a dynamic axis, e.g.
+    ["batch", 4, "latent_height", "latent_width"].
+    """
+
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    """min / opt / max of one image-level dimension (batch, height or width in pixels)."""
+
+    min: int
+    opt: int
+    max: int
+
+    def contains(self, value: int) -> bool:
+        return self.min <= value <= self.max
+
+    def as_list(self) -> list[int]:
+        return [self.min, self.opt, self.max]
+
+
+@dataclass(frozen=True)
+class ShapeRanges:
+    """Image batch and pixel size ranges a component was exported (and is built) for.
+
+    The UNet runs cond and uncond in one call, so its own batch axis spans
+    batch.min .. 2 * batch.max; `profile_shapes` in each component spells that out.
+    """
+
+    batch: ShapeRange
+    height: ShapeRange
+    width: ShapeRange
+
+    def to_json(self) -> dict[str, list[int]]:
+        return {k: getattr(self, k).as_list() for k in ("batch", "height", "width")}
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> ShapeRanges:
+        return ShapeRanges(**{k: ShapeRange(*data[k]) for k in ("batch", "height", "width")})
+
+
+@dataclass
+class ComponentSpec:
+    """One exported component: its graph files, I/O, ranges, precision and parity."""
+
+    name: str
+    onnx: str  # path of model.onnx relative to the engine dir
+    files: list[str]  # every file of the graph (model.onnx and its external data)
+    precision: str  # "fp32" or "fp16"
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    shape_ranges: ShapeRanges
+    # Concrete min/opt/max shapes per input, ready for a TensorRT optimization profile.
+    profile_shapes: dict[str, dict[str, list[int]]]
+    onnx_sha256: str = ""
+    validation: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["shape_ranges"] = self.shape_ranges.to_json()
+        return data
+
+    @staticmethod
+    def from_json(name: str, data: dict[str, Any]) -> ComponentSpec:
+        return ComponentSpec(
+            name=name,
+            onnx=data["onnx"],
+            files=list(data["files"]),
+            precision=data["precision"],
+            inputs=[TensorSpec(**t) for t in data["inputs"]],
+            outputs=[TensorSpec(**t) for t in data["outputs"]],
+            shape_ranges=ShapeRanges.from_json(data["shape_ranges"]),
+            profile_shapes=data["profile_shapes"],
+            onnx_sha256=data.get("onnx_sha256", ""),
+            validation=data.get("validation", {}),
+        )
+
+
+@dataclass
+class ModelInfo:
+    """What kind of model the engines are: what the sampler loop must know."""
+
+    family: str  # "sd15", "sd21", "sd21-base", "tiny", "shapes", ...
+    prediction_type: str  # "epsilon" or "v_prediction"
+    latent_channels: int
+    vae_scale_factor: int  # pixels per latent pixel along each side (8)
+    scaling_factor: float  # latent scale; applied inside the VAE graphs
+    text_embed_dim: int
+    default_height: int
+    default_width: int
+
+
+@dataclass
+class TokenizerInfo:
+    """Where the CLIP BPE files are and how prompts are padded."""
+
+    path: str  # folder relative to the engine dir holding vocab.json and merges.txt
+    max_length: int
+    bos_token_id: int
+    eos_token_id: int
+    pad_token_id: int  # SD 1.x pads with EOS (49407), SD 2.x with 0
+
+
+@dataclass
+class Manifest:
+    """The whole manifest.json of an engine dir (schema_version 1)."""
+
+    model: ModelInfo
+    tokenizer: TokenizerInfo
+    scheduler: dict[str, Any]  # diffusers-style scheduler config + defaults for sd-run
+    components: dict[str, ComponentSpec]
+    provenance: dict[str, Any]
+    # How tensors enter and leave the graphs (value ranges, scaling), in words and
+    # fields, so a C++ caller needs no Python to drive them.
+    io_conventions: dict[str, str]
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "schema_version": self.schema_version,
+            "model": asdict(self.model),
+            "tokenizer": asdict(self.tokenizer),
+            "scheduler": self.scheduler,
+            "io_conventions": self.io_conventions,
+            "provenance": self.provenance,
+            "components": {n: c.to_json() for n, c in self.components.items()},
+        }
+
+    @staticmethod
+    def from_json(data: dict[str, Any]) -> Manifest:
+        return Manifest(
+            schema_version=data["schema_version"],
+            model=ModelInfo(**data["model"]),
+            tokenizer=TokenizerInfo(**data["tokenizer"]),
+            scheduler=dict(data["scheduler"]),
+            io_conventions=dict(data.get("io_conventions", {})),
+            provenance=dict(data.get("provenance", {})),
+            components={
+                n: ComponentSpec.from_json(n, c) for n, c in data["components"].items()
+            },
+        )
+
+    def write(self, engine_dir: Path) -> Path:
+        path = Path(engine_dir) / MANIFEST_NAME
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        return path
+
+
+def read_manifest(engine_dir: str | Path, require: tuple[str, ...] = REQUIRED_COMPONENTS) -> Manifest:
+    """Read and check an engine dir's manifest; every problem is one EngineDirError line."""
+    root = Path(engine_dir)
+    if not root.exists():
+        raise EngineDirError(f"engine dir {root} does not exist (create one with sd-export)")
+    if not root.is_dir():
+        raise EngineDirError(f"engine dir {root} is not a directory")
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise EngineDirError(
+            f"{root} has no {MANIFEST_NAME}: not an engine dir, or an export did not finish"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EngineDirError(f"{path} is not readable JSON: {exc}") from None
+    if not isinstance(data, dict) or "schema_version" not in data:
+        raise EngineDirError(f"{path} has no schema_version: not an sd-deploy manifest")
+    version = data["schema_version"]
+    if version != SCHEMA_VERSION:
+        raise EngineDirError(
+            f"{path} has schema_version {version!r}; this sd-deploy reads version "
+            f"{SCHEMA_VERSION} (re-export with this version's sd-export)"
+        )
+    try:
+        manifest = Manifest.from_json(data)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EngineDirError(f"{path} is malformed: missing or bad field {exc}") from None
+    missing = [c for c in require if c not in manifest.components]
+    if missing:
+        raise EngineDirError(
+            f"{root} lacks component(s) {', '.join(missing)} "
+            f"(export them with sd-export --component {missing[0]})"
+        )
+    for comp in manifest.components.values():
+        for rel in comp.files:
+            if not (root / rel).is_file():
+                raise EngineDirError(f"{root} is incomplete: {rel} named by the manifest is missing")
+    tok = root / manifest.tokenizer.path
+    for name in ("vocab.json", "merges.txt"):
+        if not (tok / name).is_file():
+            raise EngineDirError(f"{root} is incomplete: {manifest.tokenizer.path}/{name} is missing")
+    return manifest
