@@ -1,0 +1,67 @@
+"""The PyTorch reference modules behind the runtime's Backend interface.
+
+Running the same `Pipeline` loop on this backend and on an engine backend isolates
+exactly what export changed: tokenizer, sampler and guidance code are shared, only
+the component executor differs. Used by parity tests and sd-bench.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sd_deploy.exporter.components import component_graphs
+from sd_deploy.models import LoadedModels
+from sd_deploy.runtime.backends.base import Backend, ComponentSession
+from sd_deploy.runtime.manifest import ComponentSpec
+
+
+class TorchSession(ComponentSession):
+    def __init__(
+        self, spec: ComponentSpec, module: torch.nn.Module, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        super().__init__(spec)
+        self.module = module
+        self.device = device
+        self.dtype = dtype
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = []
+        for spec in self.spec.inputs:
+            tensor = torch.from_numpy(np.asarray(feeds[spec.name])).to(self.device)
+            if tensor.is_floating_point() and spec.name != "timestep":
+                tensor = tensor.to(self.dtype)
+            args.append(tensor)
+        with torch.inference_mode():
+            out = self.module(*args)
+        outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return {
+            o.name: t.float().cpu().numpy() for o, t in zip(self.spec.outputs, outs, strict=True)
+        }
+
+
+class TorchBackend(Backend):
+    """Runs `models` (already loaded) for each component of an engine dir."""
+
+    name = "torch"
+
+    def __init__(
+        self, models: LoadedModels, device: str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> None:
+        self.models = models
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._graphs = component_graphs(models)
+
+    def describe(self) -> str:
+        return f"PyTorch {torch.__version__} ({self.device.type}, {str(self.dtype).split('.')[-1]})"
+
+    def open(self, engine_dir: Path, spec: ComponentSpec) -> ComponentSession:
+        module = self._graphs[spec.name].build(self.models).eval()
+        module.to(device=self.device, dtype=self.dtype)
+        return TorchSession(spec, module, self.device, self.dtype)

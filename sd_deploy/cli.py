@@ -1,0 +1,336 @@
+"""Command-line entry points: sd-export, sd-build, sd-run, sd-bench.
+
+Thin by design: parse, call the library, report. Heavy libraries (torch, onnx,
+onnxruntime, tensorrt) are imported inside the commands so `--help` is instant.
+A `UserError` becomes one line on stderr and exit status 1; anything else is a bug
+and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from sd_deploy.errors import UserError
+from sd_deploy.runtime.schedulers import SAMPLERS
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def user_errors(func: F) -> F:
+    """Turn UserError into `error: <message>` and exit 1; KeyboardInterrupt into exit 130."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except UserError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted; nothing half-written was kept", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def range_options(func: F) -> F:
+    """--batch/--height/--width as N or MIN:OPT:MAX."""
+    for name, what in (("width", "pixels"), ("height", "pixels"), ("batch", "images per call")):
+        func = click.option(
+            f"--{name}",
+            metavar="N|MIN:OPT:MAX",
+            default=None,
+            help=f"{name.capitalize()} range ({what}).",
+        )(func)
+    return func
+
+
+COMPONENT_CHOICES = ["all", "text_encoder", "unet", "vae_decoder", "vae_encoder"]
+
+
+# ---------------------------------------------------------------------------- sd-export
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--model",
+    "source",
+    default="default",
+    show_default=True,
+    help="Checkpoint file (.safetensors/.ckpt), diffusers folder, 'default' (the packaged "
+    "model), or a preset name with --random-weights.",
+)
+@click.option(
+    "--component",
+    "components",
+    multiple=True,
+    default=("all",),
+    show_default=True,
+    metavar="NAME",
+    help=f"Component to export, repeatable: {', '.join(COMPONENT_CHOICES)}.",
+)
+@click.option("--fp16", is_flag=True, help="Write FP16 graphs (norms/softmax kept in fp32).")
+@click.option(
+    "--out",
+    default="engines",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Engine dir.",
+)
+@range_options
+@click.option("--opset", default=17, show_default=True, type=click.IntRange(14, 21))
+@click.option("--force", is_flag=True, help="Replace an engine dir holding another model.")
+@click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check.")
+@click.option("--random-weights", is_flag=True, help="Seeded random weights for a preset.")
+@click.option("--seed", default=0, show_default=True, help="Seed for --random-weights.")
+@click.option("--family", default=None, help="Override the detected model family.")
+@click.option(
+    "--prediction-type",
+    type=click.Choice(["epsilon", "v_prediction"]),
+    default=None,
+    help="Override the detected prediction type.",
+)
+@user_errors
+def export_command(
+    source: str,
+    components: tuple[str, ...],
+    fp16: bool,
+    out: Path,
+    batch: str | None,
+    height: str | None,
+    width: str | None,
+    opset: int,
+    force: bool,
+    no_validate: bool,
+    random_weights: bool,
+    seed: int,
+    family: str | None,
+    prediction_type: str | None,
+) -> None:
+    """Export a Stable Diffusion model to ONNX graphs in an engine dir."""
+    import time
+
+    from sd_deploy.exporter import export_engine_dir, resolve_components
+    from sd_deploy.models import load_models
+    from sd_deploy.runtime import shapes
+
+    resolve_components(components)  # unknown names fail before the model loads
+    start = time.perf_counter()
+    click.echo(f"loading {source} ...", err=True)
+    models = load_models(
+        source,
+        random_init=random_weights,
+        seed=seed,
+        family=family,
+        prediction_type=prediction_type,
+    )
+    defaults = shapes.default_ranges(models.config.default_size)
+    ranges = shapes.override(defaults, batch, height, width)
+    manifest = export_engine_dir(
+        models,
+        out,
+        components=components,
+        fp16=fp16,
+        ranges=ranges,
+        opset=opset,
+        force=force,
+        validate=not no_validate,
+    )
+    for name in resolve_components(components):
+        spec = manifest.components[name]
+        v = spec.validation
+        check = (
+            f"rel L2 {v['max_rel_l2']:.2e} <= {v['tolerance_rel_l2']:g}"
+            if v.get("validated")
+            else "not validated"
+        )
+        click.echo(f"{name:13s} {spec.precision}  {check}  -> {out / spec.onnx}")
+    click.echo(f"exported {models.config.family} to {out} in {time.perf_counter() - start:.1f} s")
+
+
+# ---------------------------------------------------------------------------- sd-build
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--engine",
+    "engine_dir",
+    default="engines",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Engine dir made by sd-export.",
+)
+@click.option(
+    "--component", "components", multiple=True, default=("all",), show_default=True, metavar="NAME"
+)
+@range_options
+@click.option("--static", is_flag=True, help="One fixed shape (the opt values): fastest engines.")
+@click.option(
+    "--timing-cache", type=click.Path(path_type=Path), default=None, help="Reused across builds."
+)
+@click.option("--optimization-level", type=click.IntRange(0, 5), default=None)
+@click.option("--workspace", default=None, metavar="SIZE", help="Builder workspace, e.g. 4G.")
+@click.option("--force", is_flag=True, help="Rebuild even up-to-date plans.")
+@user_errors
+def build_command(
+    engine_dir: Path,
+    components: tuple[str, ...],
+    batch: str | None,
+    height: str | None,
+    width: str | None,
+    static: bool,
+    timing_cache: Path | None,
+    optimization_level: int | None,
+    workspace: str | None,
+    force: bool,
+) -> None:
+    """Build FP16 TensorRT engines (strongly typed) from an engine dir's ONNX graphs."""
+    from sd_deploy.engines import build_engines
+
+    results = build_engines(
+        engine_dir,
+        components=components,
+        batch=batch,
+        height=height,
+        width=width,
+        static=static,
+        timing_cache=timing_cache,
+        optimization_level=optimization_level,
+        workspace=workspace,
+        force=force,
+    )
+    for result in results:
+        click.echo(str(result))
+
+
+# ---------------------------------------------------------------------------- sd-run
+
+
+def _sampler_help() -> str:
+    return "Sampler: " + "; ".join(f"{name} ({s.description})" for name, s in SAMPLERS.items())
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--engine",
+    "engine_dir",
+    default="engines",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Engine dir made by sd-export (and sd-build).",
+)
+@click.option("--prompt", required=True, help="What to draw.")
+@click.option("--negative-prompt", default="", help="What to steer away from.")
+@click.option("--steps", type=int, default=None, help="Sampling steps [engine default].")
+@click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale.")
+@click.option("--sampler", default=None, metavar="NAME", help=_sampler_help())
+@click.option("--seed", type=int, default=None, help="Seed; image i uses seed + i [random].")
+@click.option("--width", type=int, default=None, help="Pixels, multiple of 8 [model default].")
+@click.option("--height", type=int, default=None, help="Pixels, multiple of 8 [model default].")
+@click.option("--batch", type=int, default=1, show_default=True, help="Images per call.")
+@click.option("--init-image", type=click.Path(path_type=Path), default=None, help="img2img source.")
+@click.option(
+    "--strength", type=float, default=0.8, show_default=True, help="img2img strength in (0, 1]."
+)
+@click.option(
+    "--backend",
+    type=click.Choice(
+        [
+            "auto",
+            "tensorrt",
+            "onnxruntime",
+            "onnxruntime-cpu",
+            "onnxruntime-cuda",
+            "onnxruntime-trt",
+        ]
+    ),
+    default="auto",
+    show_default=True,
+)
+@click.option(
+    "--out",
+    default="outputs",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Folder for PNGs.",
+)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@user_errors
+def run_command(
+    engine_dir: Path,
+    prompt: str,
+    negative_prompt: str,
+    steps: int | None,
+    guidance: float | None,
+    sampler: str | None,
+    seed: int | None,
+    width: int | None,
+    height: int | None,
+    batch: int,
+    init_image: Path | None,
+    strength: float,
+    backend: str,
+    out: Path,
+    quiet: bool,
+) -> None:
+    """Generate images from an engine dir with the numpy runtime."""
+    from tqdm.auto import tqdm
+
+    from sd_deploy.runtime.images import check_writable_dir, load_init_image, save_png
+    from sd_deploy.runtime.pipeline import GenerationRequest, Pipeline
+
+    out = check_writable_dir(out)
+    image = load_init_image(init_image) if init_image is not None else None
+    pipe = Pipeline(engine_dir, backend=backend)
+    click.echo(f"backend: {pipe.backend.describe()} ({pipe.backend_reason})", err=True)
+    request = GenerationRequest(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        steps=steps,
+        guidance=guidance,
+        sampler=sampler,
+        seed=seed,
+        width=width,
+        height=height,
+        batch=batch,
+        init_image=image,
+        strength=strength,
+    )
+    with tqdm(disable=quiet, unit="step", desc="sampling") as bar:
+
+        def progress(i: int, total: int, t: float) -> None:
+            bar.total = total
+            bar.update(1)
+
+        result = pipe.generate(request, progress=progress)
+    for image_array, params in zip(result.images, result.parameters, strict=True):
+        path = save_png(image_array, next_free_path(out, params["seed"]), params)
+        click.echo(str(path))
+    t = result.timings
+    click.echo(
+        f"{len(result.images)} image(s) in {t['total']:.2f} s "
+        f"(unet {t.get('unet', 0):.2f} s, runtime overhead {t['outside_backend']:.3f} s)",
+        err=True,
+    )
+
+
+def next_free_path(folder: Path, seed: int) -> Path:
+    """folder/NNNNN-SEED.png with NNNNN one past the highest there: never overwrites."""
+    numbers = [int(p.name[:5]) for p in folder.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")]
+    return folder / f"{max(numbers, default=0) + 1:05d}-{seed}.png"
+
+
+# ---------------------------------------------------------------------------- sd-bench
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@user_errors
+def bench_command() -> None:
+    """Parity and latency of PyTorch and every backend on the same inputs."""
+    raise UserError("sd-bench is not implemented yet")

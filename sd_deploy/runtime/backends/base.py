@@ -1,0 +1,43 @@
+"""The seam between the sampler loop and whatever runs the graphs.
+
+A backend opens one `ComponentSession` per component of an engine dir; a session
+runs numpy arrays in and numpy arrays out, keyed by the manifest's I/O names.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from sd_deploy.runtime.manifest import ComponentSpec
+
+
+class ComponentSession(ABC):
+    """One loaded component. `run` takes every input and returns every output by name."""
+
+    def __init__(self, spec: ComponentSpec) -> None:
+        self.spec = spec
+
+    @abstractmethod
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the component on numpy inputs already cast to the manifest's dtypes."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most sessions free nothing
+        """Release device memory; the default has nothing to free."""
+
+
+class Backend(ABC):
+    """Opens components of one engine dir on one kind of executor."""
+
+    name: str = "backend"
+
+    @abstractmethod
+    def open(self, engine_dir: Path, spec: ComponentSpec) -> ComponentSession:
+        """Load `spec`'s graph or engine from `engine_dir`."""
+
+    def describe(self) -> str:
+        """One line for logs and reports: what actually runs the graphs."""
+        return self.name

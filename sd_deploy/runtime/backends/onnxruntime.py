@@ -1,0 +1,134 @@
+"""ONNX Runtime backend: CPU, CUDA, or TensorRT execution providers.
+
+onnxruntime is imported when a backend is created, never at module import, so
+`sd_deploy.runtime` stays light.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sd_deploy.errors import UserError
+from sd_deploy.runtime.backends.base import Backend, ComponentSession
+from sd_deploy.runtime.manifest import ComponentSpec
+
+# Our names for provider choices -> ONNX Runtime provider lists (first available wins).
+PROVIDER_CHOICES: dict[str, tuple[str, ...]] = {
+    "cpu": ("CPUExecutionProvider",),
+    "cuda": ("CUDAExecutionProvider", "CPUExecutionProvider"),
+    "tensorrt": ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"),
+}
+
+
+def import_onnxruntime() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError(
+            "onnxruntime is not installed: pip install 'sd-deploy[ort]' (or onnxruntime-gpu)"
+        ) from None
+    return onnxruntime
+
+
+def available_providers() -> list[str]:
+    return list(import_onnxruntime().get_available_providers())
+
+
+class OnnxRuntimeSession(ComponentSession):
+    def __init__(self, spec: ComponentSpec, session: Any) -> None:
+        super().__init__(spec)
+        self.session = session
+        self.output_names = [o.name for o in spec.outputs]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self.session.run(self.output_names, dict(feeds))
+        return dict(zip(self.output_names, outputs, strict=True))
+
+
+class OnnxRuntimeBackend(Backend):
+    """Runs the ONNX graphs with ONNX Runtime on the chosen execution provider."""
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        provider: str = "auto",
+        threads: int | None = None,
+        trt_cache_dir: Path | None = None,
+    ) -> None:
+        ort = import_onnxruntime()
+        available = ort.get_available_providers()
+        if provider == "auto":
+            provider = "cuda" if "CUDAExecutionProvider" in available else "cpu"
+        if provider not in PROVIDER_CHOICES:
+            raise UserError(
+                f"unknown ONNX Runtime provider {provider!r}; choose from "
+                f"{', '.join(PROVIDER_CHOICES)} or auto"
+            )
+        wanted = PROVIDER_CHOICES[provider][0]
+        if wanted not in available:
+            raise UserError(
+                f"ONNX Runtime here has no {wanted} (available: {', '.join(available)}); "
+                "install onnxruntime-gpu with CUDA/TensorRT for GPU providers"
+            )
+        self.provider = provider
+        self.providers = [p for p in PROVIDER_CHOICES[provider] if p in available]
+        self.threads = threads
+        self.trt_cache_dir = trt_cache_dir
+        self._ort = ort
+
+    def describe(self) -> str:
+        return f"onnxruntime {self._ort.__version__} ({', '.join(self.providers)})"
+
+    def provider_options(self, engine_dir: Path, spec: ComponentSpec) -> list[Any]:
+        """Per-provider options; the TensorRT EP gets fp16, a cache dir and profile shapes."""
+        result: list[Any] = []
+        for name in self.providers:
+            if name != "TensorrtExecutionProvider":
+                result.append(name)
+                continue
+            cache = self.trt_cache_dir or engine_dir / spec.name / "ort_trt_cache"
+            cache.mkdir(parents=True, exist_ok=True)
+            profile = {
+                key: ",".join(
+                    f"{inp}:{'x'.join(map(str, dims[key]))}"
+                    for inp, dims in spec.profile_shapes.items()
+                )
+                for key in ("min", "opt", "max")
+            }
+            result.append(
+                (
+                    name,
+                    {
+                        "trt_fp16_enable": spec.precision == "fp16",
+                        "trt_engine_cache_enable": True,
+                        "trt_engine_cache_path": str(cache),
+                        "trt_timing_cache_enable": True,
+                        "trt_profile_min_shapes": profile["min"],
+                        "trt_profile_opt_shapes": profile["opt"],
+                        "trt_profile_max_shapes": profile["max"],
+                    },
+                )
+            )
+        return result
+
+    def open(self, engine_dir: Path, spec: ComponentSpec) -> ComponentSession:
+        options = self._ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        path = Path(engine_dir) / spec.onnx
+        try:
+            session = self._ort.InferenceSession(
+                os.fspath(path), options, providers=self.provider_options(Path(engine_dir), spec)
+            )
+        except Exception as exc:  # ORT raises its own exception types for corrupt graphs
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"cannot load {path} with ONNX Runtime: {first}") from None
+        return OnnxRuntimeSession(spec, session)
