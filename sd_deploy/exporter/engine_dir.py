@@ -44,7 +44,9 @@ def existing_manifest(out: Path, identity: str, force: bool) -> Manifest | None:
     except Exception as exc:  # noqa: BLE001 - any unreadable engine dir is replaced only with --force
         if force:
             return None
-        raise ExportError(f"--out {out} holds an unreadable engine dir ({exc}); use --force") from None
+        raise ExportError(
+            f"--out {out} holds an unreadable engine dir ({exc}); use --force"
+        ) from None
     if model_identity(manifest.provenance) != identity:
         if force:
             return None

@@ -15,8 +15,18 @@ from tqdm.auto import tqdm
 
 import sd_deploy
 from sd_deploy.errors import ExportError
-from sd_deploy.exporter.components import IO_CONVENTIONS, ComponentGraph, component_graphs, sample_inputs
-from sd_deploy.exporter.engine_dir import existing_manifest, link_or_copy, model_identity, staged_dir
+from sd_deploy.exporter.components import (
+    IO_CONVENTIONS,
+    ComponentGraph,
+    component_graphs,
+    sample_inputs,
+)
+from sd_deploy.exporter.engine_dir import (
+    existing_manifest,
+    link_or_copy,
+    model_identity,
+    staged_dir,
+)
 from sd_deploy.exporter.onnx_export import export_module, export_onnx, finalize_onnx
 from sd_deploy.exporter.validate import validate_component
 from sd_deploy.models import LoadedModels
@@ -61,7 +71,9 @@ def validation_shapes(
     graph: ComponentGraph, ranges: ShapeRanges, vae_scale_factor: int
 ) -> list[dict[str, list[int]]]:
     """Two shapes inside the ranges: the optimum (guided) and the minimum (unguided)."""
-    opt = shapes.symbol_values(ranges.batch.opt, ranges.height.opt, ranges.width.opt, vae_scale_factor)
+    opt = shapes.symbol_values(
+        ranges.batch.opt, ranges.height.opt, ranges.width.opt, vae_scale_factor
+    )
     low = shapes.symbol_values(
         ranges.batch.min, ranges.height.min, ranges.width.min, vae_scale_factor, guided=False
     )
@@ -103,7 +115,11 @@ def export_component(
     if validate:
         bar.set_description(f"validate {graph.name} ({precision})")
         validation = validate_component(
-            out_dir / "model.onnx", reference, graph, validation_shapes(graph, ranges, scale), precision
+            out_dir / "model.onnx",
+            reference,
+            graph,
+            validation_shapes(graph, ranges, scale),
+            precision,
         )
     bar.update(1)
     inputs = [(i.name, i.shape) for i in graph.inputs]
@@ -112,7 +128,9 @@ def export_component(
         onnx=f"{graph.name}/model.onnx",
         files=[f"{graph.name}/{f.name}" for f in files],
         precision=precision,
-        inputs=[TensorSpec(i.name, graph.input_dtype(i, fp16), list(i.shape)) for i in graph.inputs],
+        inputs=[
+            TensorSpec(i.name, graph.input_dtype(i, fp16), list(i.shape)) for i in graph.inputs
+        ],
         outputs=[
             TensorSpec(name, "float16" if fp16 else "float32", list(shape))
             for name, shape in graph.outputs

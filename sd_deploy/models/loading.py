@@ -78,7 +78,9 @@ def load_models(
     if random_init:
         name = family or (str(source) if source not in (None, DEFAULT_MODEL) else None)
         if name is None:
-            raise UserError("random weights need a preset name (e.g. --model tiny --random-weights)")
+            raise UserError(
+                "random weights need a preset name (e.g. --model tiny --random-weights)"
+            )
         config = get_preset(name)
         if prediction_type:
             config = config.with_prediction_type(prediction_type)
@@ -88,7 +90,9 @@ def load_models(
     else:
         path = Path(source)
         if not path.exists():
-            hint = " (a preset name needs --random-weights)" if str(source) in _preset_names() else ""
+            hint = (
+                " (a preset name needs --random-weights)" if str(source) in _preset_names() else ""
+            )
             raise CheckpointError(f"model source {source} does not exist{hint}")
         models = checkpoints.load_checkpoint(path, family=family, prediction_type=prediction_type)
     return models.to(dtype).eval()

@@ -44,7 +44,9 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 1000
     """Sinusoidal embedding [cos | sin] of (possibly fractional) timesteps, as ldm."""
     half = dim // 2
     freqs = torch.exp(
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
+        -math.log(max_period)
+        * torch.arange(half, dtype=torch.float32, device=timesteps.device)
+        / half
     )
     args = timesteps.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
@@ -96,7 +98,9 @@ class ResBlock(nn.Module):
     def __init__(self, channels: int, emb_channels: int, out_channels: int, groups: int) -> None:
         super().__init__()
         self.in_layers = nn.Sequential(
-            GroupNorm32(groups, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
+            GroupNorm32(groups, channels),
+            nn.SiLU(),
+            nn.Conv2d(channels, out_channels, 3, padding=1),
         )
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
         self.out_layers = nn.Sequential(
@@ -163,7 +167,10 @@ class CrossAttention(nn.Module):
         context = x if context is None else context
         b, n, _ = x.shape
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
-        q, k, v = (t.reshape(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2) for t in (q, k, v))
+        q, k, v = (
+            t.reshape(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
+            for t in (q, k, v)
+        )
         dtype = q.dtype
         if self.upcast:
             q, k, v = q.float(), k.float(), v.float()
@@ -269,7 +276,9 @@ class UNetModel(nn.Module):
         c = config
         mc, groups = c.model_channels, c.norm_num_groups
         emb_dim = mc * 4
-        self.time_embed = nn.Sequential(nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.time_embed = nn.Sequential(
+            nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
 
         def transformer(ch: int) -> SpatialTransformer:
             if c.num_head_channels == -1:

@@ -168,9 +168,7 @@ class Manifest:
             scheduler=dict(data["scheduler"]),
             io_conventions=dict(data.get("io_conventions", {})),
             provenance=dict(data.get("provenance", {})),
-            components={
-                n: ComponentSpec.from_json(n, c) for n, c in data["components"].items()
-            },
+            components={n: ComponentSpec.from_json(n, c) for n, c in data["components"].items()},
         )
 
     def write(self, engine_dir: Path) -> Path:
@@ -179,7 +177,9 @@ class Manifest:
         return path
 
 
-def read_manifest(engine_dir: str | Path, require: tuple[str, ...] = REQUIRED_COMPONENTS) -> Manifest:
+def read_manifest(
+    engine_dir: str | Path, require: tuple[str, ...] = REQUIRED_COMPONENTS
+) -> Manifest:
     """Read and check an engine dir's manifest; every problem is one EngineDirError line."""
     root = Path(engine_dir)
     if not root.exists():
@@ -216,9 +216,13 @@ def read_manifest(engine_dir: str | Path, require: tuple[str, ...] = REQUIRED_CO
     for comp in manifest.components.values():
         for rel in comp.files:
             if not (root / rel).is_file():
-                raise EngineDirError(f"{root} is incomplete: {rel} named by the manifest is missing")
+                raise EngineDirError(
+                    f"{root} is incomplete: {rel} named by the manifest is missing"
+                )
     tok = root / manifest.tokenizer.path
     for name in ("vocab.json", "merges.txt"):
         if not (tok / name).is_file():
-            raise EngineDirError(f"{root} is incomplete: {manifest.tokenizer.path}/{name} is missing")
+            raise EngineDirError(
+                f"{root} is incomplete: {manifest.tokenizer.path}/{name} is missing"
+            )
     return manifest

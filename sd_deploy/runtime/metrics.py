@@ -30,7 +30,7 @@ def psnr(got: np.ndarray, want: np.ndarray, peak: float = 1.0) -> float:
 
 
 def ssim(got: np.ndarray, want: np.ndarray, peak: float = 1.0, window: int = 7) -> float:
-    """Mean structural similarity of two HxWxC (or HxW) images, uniform window (skimage's default)."""
+    """Mean SSIM of two HxWxC (or HxW) images with a uniform 7x7 window (skimage's default)."""
     x, y = np.asarray(got, np.float64), np.asarray(want, np.float64)
     if x.ndim == 2:
         x, y = x[..., None], y[..., None]

@@ -58,22 +58,34 @@ def default_ranges(default_size: int, max_batch: int = 4) -> ShapeRanges:
     return ShapeRanges(batch=ShapeRange(1, 1, max_batch), height=size, width=size)
 
 
-def narrow(base: ShapeRanges, batch: str | None, height: str | None, width: str | None) -> ShapeRanges:
-    """Replace some ranges by flag values, refusing values outside what was exported."""
+def override(
+    base: ShapeRanges, batch: str | None, height: str | None, width: str | None
+) -> ShapeRanges:
+    """Replace some of `base`'s ranges by flag values (N or MIN:OPT:MAX), checked."""
     result = {}
     for name, text in (("batch", batch), ("height", height), ("width", width)):
-        old: ShapeRange = getattr(base, name)
         if text is None:
-            result[name] = old
-            continue
-        new = check_range(parse_range(text, name), name, 1 if name == "batch" else PIXEL_MULTIPLE)
+            result[name] = getattr(base, name)
+        else:
+            multiple = 1 if name == "batch" else PIXEL_MULTIPLE
+            result[name] = check_range(parse_range(text, name), name, multiple)
+    return ShapeRanges(**result)
+
+
+def narrow(
+    base: ShapeRanges, batch: str | None, height: str | None, width: str | None
+) -> ShapeRanges:
+    """Like `override`, refusing values outside what was exported (`base`)."""
+    result = override(base, batch, height, width)
+    for name in ("batch", "height", "width"):
+        old: ShapeRange = getattr(base, name)
+        new: ShapeRange = getattr(result, name)
         if new.min < old.min or new.max > old.max:
             raise UserError(
                 f"{name} range {new.min}:{new.opt}:{new.max} is outside the exported range "
                 f"{old.min}:{old.opt}:{old.max} (re-export with a wider --{name})"
             )
-        result[name] = new
-    return ShapeRanges(**result)
+    return result
 
 
 def symbol_values(
@@ -105,7 +117,9 @@ def profile_shapes(
 
     The UNet batch spans a single unguided image (min) to 2 * max batch (guided).
     """
-    lo = symbol_values(ranges.batch.min, ranges.height.min, ranges.width.min, vae_scale_factor, False)
+    lo = symbol_values(
+        ranges.batch.min, ranges.height.min, ranges.width.min, vae_scale_factor, False
+    )
     opt = symbol_values(ranges.batch.opt, ranges.height.opt, ranges.width.opt, vae_scale_factor)
     hi = symbol_values(ranges.batch.max, ranges.height.max, ranges.width.max, vae_scale_factor)
     return {
