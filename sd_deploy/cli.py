@@ -240,18 +240,10 @@ def _sampler_help() -> str:
 )
 @click.option(
     "--backend",
-    type=click.Choice(
-        [
-            "auto",
-            "tensorrt",
-            "onnxruntime",
-            "onnxruntime-cpu",
-            "onnxruntime-cuda",
-            "onnxruntime-trt",
-        ]
-    ),
     default="auto",
     show_default=True,
+    help="auto (TensorRT if its plans are usable here, else ONNX Runtime CUDA, else CPU), "
+    "tensorrt, onnxruntime, onnxruntime-cpu, onnxruntime-cuda or onnxruntime-trt.",
 )
 @click.option(
     "--out",
@@ -288,7 +280,6 @@ def run_command(
     out = check_writable_dir(out)
     image = load_init_image(init_image) if init_image is not None else None
     pipe = Pipeline(engine_dir, backend=backend)
-    click.echo(f"backend: {pipe.backend.describe()} ({pipe.backend_reason})", err=True)
     request = GenerationRequest(
         prompt=prompt,
         negative_prompt=negative_prompt,
@@ -302,6 +293,8 @@ def run_command(
         init_image=image,
         strength=strength,
     )
+    pipe.resolve(request)  # refuse a bad request before any output
+    click.echo(f"backend: {pipe.backend.describe()} ({pipe.backend_reason})", err=True)
     with tqdm(disable=quiet, unit="step", desc="sampling") as bar:
 
         def progress(i: int, total: int, t: float) -> None:

@@ -186,6 +186,7 @@ class Pipeline:
                     f"{self.engine_dir} has no {name} (export it: sd-export --component {name})"
                 )
             shapes.check_request(spec.shape_ranges, p["batch"], p["height"], p["width"], name)
+        self.backend.check_request(p["batch"], p["height"], p["width"], p["guidance"] > 1.0)
         return p
 
     def generate(

@@ -41,3 +41,7 @@ class Backend(ABC):
     def describe(self) -> str:
         """One line for logs and reports: what actually runs the graphs."""
         return self.name
+
+    def check_request(self, batch: int, height: int, width: int, guided: bool) -> None:  # noqa: B027
+        """Refuse, before any work, a request this backend cannot run (e.g. outside a
+        TensorRT profile). The default accepts what the manifest's ranges accept."""
