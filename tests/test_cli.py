@@ -27,9 +27,26 @@ def one_line_error(result, fragment):
 
 def test_export_then_run_writes_pngs_with_parameters(tmp_path):
     out = tmp_path / "engines"
-    r = invoke(export_command, ["--model", "tiny", "--random-weights", "--out", out,
-                                "--component", "text_encoder", "--component", "unet",
-                                "--component", "vae_decoder", "--height", "64", "--width", "64:64:96"])  # fmt: skip
+    r = invoke(
+        export_command,
+        [
+            "--model",
+            "tiny",
+            "--random-weights",
+            "--out",
+            out,
+            "--component",
+            "text_encoder",
+            "--component",
+            "unet",
+            "--component",
+            "vae_decoder",
+            "--height",
+            "64",
+            "--width",
+            "64:64:96",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "unet" in r.stdout and "rel L2" in r.stdout
     manifest = json.loads((out / "manifest.json").read_text())
@@ -37,8 +54,25 @@ def test_export_then_run_writes_pngs_with_parameters(tmp_path):
     assert manifest["components"]["unet"]["shape_ranges"]["width"] == [64, 64, 96]
 
     pngs = tmp_path / "pngs"
-    args = ["--engine", out, "--prompt", "a red circle", "--negative-prompt", "blurry", "--steps",
-            "3", "--seed", "5", "--batch", "2", "--out", pngs, "--sampler", "euler_a", "--quiet"]  # fmt: skip
+    args = [
+        "--engine",
+        out,
+        "--prompt",
+        "a red circle",
+        "--negative-prompt",
+        "blurry",
+        "--steps",
+        "3",
+        "--seed",
+        "5",
+        "--batch",
+        "2",
+        "--out",
+        pngs,
+        "--sampler",
+        "euler_a",
+        "--quiet",
+    ]
     r = invoke(run_command, args)
     assert r.exit_code == 0, r.output
     files = sorted(pngs.glob("*.png"))
@@ -69,8 +103,10 @@ def test_run_errors(args, fragment, tmp_path, tiny_engine_fp32):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG not really")
     Image.new("RGB", (64, 64)).save(tmp_path / "ok.png")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    r = invoke(run_command, ["--engine", tiny_engine_fp32, "--prompt", "x", "--out",
-                             tmp_path / "o", "--quiet", *args])  # fmt: skip
+    r = invoke(
+        run_command,
+        ["--engine", tiny_engine_fp32, "--prompt", "x", "--out", tmp_path / "o", "--quiet", *args],
+    )
     one_line_error(r, fragment)
     assert not list((tmp_path / "o").glob("*.png"))
 

@@ -70,14 +70,27 @@ def resolve_components(names: Sequence[str]) -> list[str]:
 def validation_shapes(
     graph: ComponentGraph, ranges: ShapeRanges, vae_scale_factor: int
 ) -> list[dict[str, list[int]]]:
-    """Two shapes inside the ranges: the optimum (guided) and the minimum (unguided)."""
+    """Two shapes inside the ranges: optimum size and batch, then minimum size at maximum batch.
+
+    Both are guided (UNet batch doubled); together they move every dynamic axis.
+    """
     opt = shapes.symbol_values(
         ranges.batch.opt, ranges.height.opt, ranges.width.opt, vae_scale_factor
     )
-    low = shapes.symbol_values(
-        ranges.batch.min, ranges.height.min, ranges.width.min, vae_scale_factor, guided=False
+    edge = shapes.symbol_values(
+        ranges.batch.max, ranges.height.min, ranges.width.min, vae_scale_factor
     )
-    return [{i.name: shapes.resolve(i.shape, v) for i in graph.inputs} for v in (opt, low)]
+    return [{i.name: shapes.resolve(i.shape, v) for i in graph.inputs} for v in (opt, edge)]
+
+
+def trace_shapes(graph: ComponentGraph, vae_scale_factor: int) -> dict[str, list[int]]:
+    """Small shapes to trace at: the graph's axes stay dynamic, and fp16 on a CPU is slow.
+
+    Batch 2 and an 8x8 latent, so no axis is 1 (the tracer could treat it as broadcast).
+    """
+    side = 8 * vae_scale_factor
+    values = shapes.symbol_values(2, side, side, vae_scale_factor, guided=False)
+    return {i.name: shapes.resolve(i.shape, values) for i in graph.inputs}
 
 
 def export_component(
@@ -95,10 +108,8 @@ def export_component(
     scale = models.config.vae_scale_factor
     reference = graph.build(models).eval()
     module = export_module(reference, fp16)
-    trace_shapes = validation_shapes(graph, ranges, scale)[0]
-    example = {
-        k: torch.from_numpy(v) for k, v in sample_inputs(graph, trace_shapes, fp16, seed=0).items()
-    }
+    trace = trace_shapes(graph, scale)
+    example = {k: torch.from_numpy(v) for k, v in sample_inputs(graph, trace, fp16, seed=0).items()}
     out_dir = stage / graph.name
     raw_dir = stage / f".{graph.name}.raw"
     raw_dir.mkdir()

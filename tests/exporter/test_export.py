@@ -10,14 +10,16 @@ import onnx
 import pytest
 
 from sd_deploy.errors import ExportError, UserError
-from sd_deploy.exporter import export_engine_dir
 from sd_deploy.exporter import export as export_module
-from sd_deploy.exporter import onnx_export
+from sd_deploy.exporter import export_engine_dir, onnx_export
 from sd_deploy.runtime import shapes
 from sd_deploy.runtime.manifest import COMPONENTS, read_manifest
 
-ONNX_DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
-               onnx.TensorProto.INT32: "int32"}  # fmt: skip
+ONNX_DTYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.INT32: "int32",
+}
 
 
 def graph_io(path):
@@ -63,8 +65,10 @@ def test_every_component_exports_validates_and_is_described(
 
 def test_io_contract_names_and_dtypes(tiny_engine_fp16):
     m = read_manifest(tiny_engine_fp16, require=COMPONENTS)
-    io = {n: ([(t.name, t.dtype) for t in c.inputs], [t.name for t in c.outputs])
-          for n, c in m.components.items()}  # fmt: skip
+    io = {
+        n: ([(t.name, t.dtype) for t in c.inputs], [t.name for t in c.outputs])
+        for n, c in m.components.items()
+    }
     assert io["text_encoder"] == ([("input_ids", "int32")], ["text_embeddings"])
     assert io["unet"] == (
         [("sample", "float16"), ("timestep", "float32"), ("encoder_hidden_states", "float16")],
@@ -83,7 +87,9 @@ def test_fp16_graph_keeps_norm_statistics_in_fp32(tiny_engine_fp16):
     inferred = onnx.shape_inference.infer_shapes(model)
     types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
     types.update({i.name: i.data_type for i in model.graph.initializer})
-    norms = [n for n in model.graph.node if n.op_type in ("InstanceNormalization", "LayerNormalization")]
+    norms = [
+        n for n in model.graph.node if n.op_type in ("InstanceNormalization", "LayerNormalization")
+    ]
     assert norms
     for node in norms:
         assert types[node.input[0]] == onnx.TensorProto.FLOAT, node.name
@@ -97,7 +103,9 @@ def test_external_data_is_one_file_and_validates(tmp_path, tiny_models, monkeypa
     spec = m.components["vae_decoder"]
     assert spec.files == ["vae_decoder/model.onnx", "vae_decoder/model.onnx_data"]
     assert sorted(p.name for p in (tmp_path / "e" / "vae_decoder").iterdir()) == [
-        "model.onnx", "model.onnx_data"]  # fmt: skip
+        "model.onnx",
+        "model.onnx_data",
+    ]
     assert spec.validation["max_rel_l2"] <= 1e-4
 
 
@@ -131,8 +139,9 @@ def test_non_engine_folder_is_never_replaced(tmp_path, tiny_models):
     (out / "holiday.jpg").write_bytes(b"precious")
     for force in (False, True):
         with pytest.raises(ExportError, match="not an engine dir"):
-            export_engine_dir(tiny_models, out, components=["vae_decoder"], force=force,
-                              progress=False)  # fmt: skip
+            export_engine_dir(
+                tiny_models, out, components=["vae_decoder"], force=force, progress=False
+            )
     assert (out / "holiday.jpg").read_bytes() == b"precious"
 
 
@@ -157,13 +166,18 @@ def test_failed_validation_exports_nothing(tmp_path, tiny_models, monkeypatch):
 
     monkeypatch.setitem(validate.TOLERANCE, "fp16", 1e-9)
     with pytest.raises(ExportError, match=r"differs from PyTorch.*--no-validate"):
-        export_engine_dir(tiny_models, tmp_path / "e", components=["unet"], fp16=True,
-                          progress=False)  # fmt: skip
+        export_engine_dir(
+            tiny_models, tmp_path / "e", components=["unet"], fp16=True, progress=False
+        )
     assert list(tmp_path.iterdir()) == []
-    m = export_engine_dir(tiny_models, tmp_path / "e", components=["unet"], fp16=True,
-                          validate=False, progress=False)  # fmt: skip
+    m = export_engine_dir(
+        tiny_models, tmp_path / "e", components=["unet"], fp16=True, validate=False, progress=False
+    )
     assert m.components["unet"].validation == {"validated": False, "reason": "--no-validate"}
-    assert json.loads((tmp_path / "e" / "manifest.json").read_text())["provenance"]["validated"] is False
+    assert (
+        json.loads((tmp_path / "e" / "manifest.json").read_text())["provenance"]["validated"]
+        is False
+    )
 
 
 def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, tiny_models, monkeypatch):

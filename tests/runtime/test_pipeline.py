@@ -31,8 +31,7 @@ def torch_pipe(tiny_engine_fp32, tiny_models):
 def noisy_request(**kw) -> GenerationRequest:
     # Random-weight tiny models give near-flat images; a strong init-image signal makes
     # the comparison sensitive (PSNR of flat images would be high whatever happened).
-    defaults = dict(prompt=["a red circle", "a blue star"], seed=7, steps=6, batch=2,
-                    guidance=5.0)  # fmt: skip
+    defaults = dict(prompt=["a red circle", "a blue star"], seed=7, steps=6, batch=2, guidance=5.0)
     defaults.update(kw)
     return GenerationRequest(**defaults)
 
@@ -91,7 +90,9 @@ def test_img2img_matches_pytorch_and_uses_the_image(ort_fp32, torch_pipe):
 
 def test_progress_callback_counts_steps(ort_fp32):
     seen = []
-    ort_fp32.generate(noisy_request(steps=5, sampler="ddim"), progress=lambda i, n, t: seen.append((i, n)))
+    ort_fp32.generate(
+        noisy_request(steps=5, sampler="ddim"), progress=lambda i, n, t: seen.append((i, n))
+    )
     assert seen == [(i, 5) for i in range(5)]
 
 
