@@ -86,7 +86,11 @@ def load_models(
             config = config.with_prediction_type(prediction_type)
         models = build_random(config, seed)
     elif source in (None, DEFAULT_MODEL):
+        if family:
+            raise UserError("--family applies to checkpoints, not to the packaged default model")
         models = checkpoints.load_default_model()
+        if prediction_type:
+            models.config = models.config.with_prediction_type(prediction_type)
     else:
         path = Path(source)
         if not path.exists():

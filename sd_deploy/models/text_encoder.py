@@ -4,7 +4,7 @@ SD 1.x uses OpenAI CLIP ViT-L/14's text tower (transformers `CLIPTextModel`, ldm
 prefix `cond_stage_model.transformer.`). SD 2.x uses OpenCLIP ViT-H/14's tower and
 takes the penultimate layer's output through the final layer norm; a
 `CLIPTextModel` with the last layer dropped computes exactly that, which is how it is
-built here (OpenCLIP weights are converted in `checkpoints.py`).
+built here (OpenCLIP weights are converted in `checkpoints/openclip.py`).
 """
 
 from __future__ import annotations

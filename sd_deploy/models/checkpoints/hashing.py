@@ -1,0 +1,32 @@
+"""sha256 of what was loaded (`LoadedModels.source_sha256`), read in chunks to stay light."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+_HASH_CHUNK = 1 << 20
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB chunks (memory-light)."""
+    digest = hashlib.sha256()
+    _hash_into(digest, Path(path))
+    return digest.hexdigest()
+
+
+def files_sha256(root: Path, files: Iterable[Path]) -> str:
+    """sha256 over several files under `root`: relative path, NUL, contents, in the given order."""
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.relative_to(root).as_posix().encode() + b"\0")
+        _hash_into(digest, f)
+    return digest.hexdigest()
+
+
+def _hash_into(digest: Any, path: Path) -> None:
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
