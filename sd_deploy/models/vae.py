@@ -114,11 +114,21 @@ class _Mid(nn.Module):
 
 
 class _Level(nn.Module):
-    """One resolution level: `block` list plus an optional down/upsample."""
+    """One resolution level: ResnetBlocks (`block`), then ldm's `downsample` or `upsample`."""
 
-    def __init__(self) -> None:
+    def __init__(self, blocks: list[nn.Module], resample_name: str, resample: nn.Module | None):
         super().__init__()
-        self.block = nn.ModuleList()
+        self.block = nn.ModuleList(blocks)
+        if resample is not None:
+            self.add_module(resample_name, resample)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for block in self.block:
+            h = block(h)
+        for resample in (self._modules.get("downsample"), self._modules.get("upsample")):
+            if resample is not None:
+                h = resample(h)
+        return h
 
 
 class Encoder(nn.Module):
@@ -131,13 +141,12 @@ class Encoder(nn.Module):
         self.down = nn.ModuleList()
         ch = c.ch
         for i, mult in enumerate(c.ch_mult):
-            level = _Level()
+            blocks: list[nn.Module] = []
             for _ in range(c.num_res_blocks):
-                level.block.append(ResnetBlock(ch, c.ch * mult, g))
+                blocks.append(ResnetBlock(ch, c.ch * mult, g))
                 ch = c.ch * mult
-            if i != len(c.ch_mult) - 1:
-                level.downsample = Downsample(ch)
-            self.down.append(level)
+            last = i == len(c.ch_mult) - 1
+            self.down.append(_Level(blocks, "downsample", None if last else Downsample(ch)))
         self.mid = _Mid(ch, g)
         self.norm_out = _norm(ch, g)
         self.conv_out = nn.Conv2d(ch, 2 * c.z_channels, 3, padding=1)
@@ -145,10 +154,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.down:
-            for block in level.block:
-                h = block(h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
+            h = level(h)
         h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -164,13 +170,13 @@ class Decoder(nn.Module):
         self.mid = _Mid(ch, g)
         levels: list[_Level] = []
         for i, mult in reversed(list(enumerate(c.ch_mult))):
-            level = _Level()
+            blocks: list[nn.Module] = []
             for _ in range(c.num_res_blocks + 1):
-                level.block.append(ResnetBlock(ch, c.ch * mult, g))
+                blocks.append(ResnetBlock(ch, c.ch * mult, g))
                 ch = c.ch * mult
-            if i != 0:
-                level.upsample = Upsample(ch)
-            levels.insert(0, level)  # ldm stores `up` lowest resolution last
+            levels.insert(
+                0, _Level(blocks, "upsample", Upsample(ch) if i else None)
+            )  # ldm stores `up` lowest resolution last
         self.up = nn.ModuleList(levels)
         self.norm_out = _norm(ch, g)
         self.conv_out = nn.Conv2d(ch, c.out_channels, 3, padding=1)
@@ -178,10 +184,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
-            for block in level.block:
-                h = block(h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
