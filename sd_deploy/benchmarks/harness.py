@@ -1,0 +1,566 @@
+"""sd-bench's driver: every backend on the same inputs, in one process, into one report.
+
+Order of work:
+
+1. PyTorch reference (fp32, our runtime's loop over the reference modules): load the models
+   the engines came from, run one generation while recording every component call (the
+   realistic parity inputs), then the timed runs.
+2. diffusers (if asked): StableDiffusionPipeline on the same weight tensors, measured while
+   the reference models are still in memory (it shares them instead of copying).
+3. The reference models are freed; then each engine backend (onnxruntime, tensorrt, ...):
+   load, parity on the recorded inputs, timed runs. Each is closed and freed after its turn,
+   so peak memory is one backend's, not the sum.
+
+Every generation of every backend starts from the same initial noise, prompts and sampler
+settings; a backend that cannot run here is reported as skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import importlib.util
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sd_deploy.benchmarks.config import (
+    DIFFUSERS_BACKEND,
+    NEGATIVE_PROMPT,
+    REFERENCE_BACKEND,
+    BenchConfig,
+    resolve_config,
+)
+from sd_deploy.benchmarks.machine import load_average, machine_info, versions
+from sd_deploy.benchmarks.parity import (
+    Captured,
+    component_parity,
+    image_contrast,
+    image_parity,
+)
+from sd_deploy.benchmarks.reference import reference_source
+from sd_deploy.benchmarks.timing import CallLog, MemoryWatch, Stopwatch, summarize
+from sd_deploy.errors import UserError
+from sd_deploy.runtime.manifest import Manifest
+from sd_deploy.runtime.pipeline import GenerationRequest, Pipeline
+
+REPORT_SCHEMA = 1
+COMPONENT_ORDER = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+
+# A generation: returns uint8 images and advances the progress display once per step.
+Generate = Callable[[int], np.ndarray]
+
+
+@dataclass
+class Progress:
+    """A tqdm bar counting sampling steps across all backends (or nothing when disabled)."""
+
+    enabled: bool
+    total: int
+    bar: Any = None
+
+    def __enter__(self) -> Progress:
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, unit="step", desc="sd-bench", dynamic_ncols=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def phase(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(text)
+
+    def drop(self, steps: int) -> None:
+        """A backend was skipped: its steps will never come."""
+        if self.bar is not None:
+            self.bar.total -= steps
+            self.bar.refresh()
+
+
+@dataclass
+class Workload:
+    """The identical inputs every backend gets: prompts, ids, initial noise per batch size."""
+
+    config: BenchConfig
+    manifest: Manifest
+    noise: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def initial_noise(self, batch: int) -> np.ndarray:
+        if batch not in self.noise:
+            m = self.manifest.model
+            shape = (
+                m.latent_channels,
+                self.config.height // m.vae_scale_factor,
+                self.config.width // m.vae_scale_factor,
+            )
+            rngs = [np.random.default_rng(self.config.seed + i) for i in range(batch)]
+            self.noise[batch] = np.stack([r.standard_normal(shape, dtype=np.float32) for r in rngs])
+        return self.noise[batch]
+
+    def request(self, batch: int) -> GenerationRequest:
+        c = self.config
+        return GenerationRequest(
+            prompt=c.prompts(batch),
+            negative_prompt=NEGATIVE_PROMPT,
+            height=c.height,
+            width=c.width,
+            steps=c.steps,
+            guidance=c.guidance,
+            sampler=c.sampler,
+            seed=c.seed,
+            batch=batch,
+            initial_noise=self.initial_noise(batch),
+        )
+
+    def steps_per_backend(self) -> int:
+        c = self.config
+        return (c.warmup + c.runs) * len(c.batches) * c.steps
+
+
+def measure_series(
+    generate: Generate, log: CallLog, batch: int, config: BenchConfig
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Warm-up runs, then `config.runs` timed runs of one batch size; stats and last images."""
+    cold: list[float] = []
+    for _ in range(config.warmup):
+        with Stopwatch() as sw:
+            generate(batch)
+        cold.append(sw.seconds)
+    totals: list[float] = []
+    outside: list[float] = []
+    calls: dict[str, list[float]] = {}
+    images = np.zeros(0, np.uint8)
+    for _ in range(config.runs):
+        log.clear()
+        with Stopwatch() as sw:
+            images = generate(batch)
+        totals.append(sw.seconds)
+        run_calls = log.snapshot()
+        outside.append(sw.seconds - sum(sum(v) for v in run_calls.values()))
+        for name, values in run_calls.items():
+            calls.setdefault(name, []).extend(values)
+    e2e = summarize(totals)
+    result: dict[str, Any] = {
+        "batch": batch,
+        "end_to_end": e2e,
+        "images_per_s": batch / e2e["median"] if e2e["median"] else None,
+        "warmup_s": cold,
+        "components": {name: summarize(calls[name]) for name in COMPONENT_ORDER if name in calls},
+        "calls_per_run": {name: len(calls[name]) / config.runs for name in calls},
+        # Everything outside component calls: tokenizer, sampler math, guidance, copies.
+        "outside_components": summarize(outside),
+    }
+    if "unet" in calls:
+        per_run = len(calls["unet"]) // config.runs
+        result["unet_all_steps"] = summarize(
+            sum(calls["unet"][r * per_run : (r + 1) * per_run]) for r in range(config.runs)
+        )
+    return result, images
+
+
+def _pipeline_generate(pipe: Pipeline, work: Workload, progress: Progress) -> Generate:
+    def generate(batch: int) -> np.ndarray:
+        return pipe.generate(work.request(batch), progress=lambda i, n, t: progress.step()).images
+
+    return generate
+
+
+def timed_import(*modules: str) -> float:
+    """Import `modules` now and return the seconds it took, so load times exclude imports."""
+    import importlib
+
+    with Stopwatch(synchronize=False) as sw:
+        for module in modules:
+            importlib.import_module(module)
+    return sw.seconds
+
+
+def _free(*objects: Any) -> None:
+    for obj in objects:
+        close = getattr(obj, "close", None)
+        if callable(close):
+            close()
+    del objects
+    gc.collect()
+
+
+@dataclass
+class Reference:
+    """What the PyTorch reference run leaves for the others to be compared with."""
+
+    captured: Captured
+    images: np.ndarray  # uint8 at the first batch size, from the workload's initial noise
+    models: Any  # LoadedModels; dropped before the engine backends run
+    device: str
+    tokenizer: Any
+
+
+def measure_reference(work: Workload, progress: Progress) -> tuple[dict[str, Any], Reference]:
+    import torch
+
+    from sd_deploy.benchmarks.parity import RecordingBackend
+    from sd_deploy.benchmarks.reference import load_reference_models
+    from sd_deploy.benchmarks.timing import TimedBackend
+    from sd_deploy.benchmarks.torch_backend import TorchBackend
+
+    config, manifest = work.config, work.manifest
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    progress.phase("torch: loading")
+    import_s = timed_import("transformers.models.clip.modeling_clip")
+    with MemoryWatch() as memory:
+        with Stopwatch() as load:
+            models, source_note = load_reference_models(
+                manifest, config.engine_dir, config.model_source
+            )
+            recorder = RecordingBackend(TorchBackend(models, device))
+            timed = TimedBackend(recorder)
+            pipe = Pipeline(config.engine_dir, backend=timed)
+            pipe.load_all()
+        progress.phase("torch: capturing a reference trajectory")
+        first = config.batches[0]
+        result = pipe.generate(work.request(first), progress=lambda i, n, t: progress.step())
+        if "vae_encoder" in manifest.components:
+            # Real images to encode: the reference run's own output.
+            pipe.run("vae_encoder", {}, images=result.images.transpose(0, 3, 1, 2) / 255.0)
+        recorder.recording = False
+        latency: dict[str, Any] = {}
+        for batch in config.batches:
+            progress.phase(f"torch: batch {batch}")
+            latency[str(batch)], _ = measure_series(
+                _pipeline_generate(pipe, work, progress), timed.log, batch, config
+            )
+    entry = {
+        "name": REFERENCE_BACKEND,
+        "status": "ok",
+        "role": "reference (PyTorch fp32 modules in sd-deploy's sampler loop)",
+        "describe": timed.describe(),
+        "load_s": load.seconds,
+        "import_s": import_s,
+        "load_means": "load the PyTorch modules from the model source (for preset:... "
+        "sources: rebuild the seeded random weights) and open them",
+        "source": source_note,
+        "torch_threads": torch.get_num_threads(),
+        "memory": memory.read(),
+        "latency": latency,
+        "reference_image_contrast": image_contrast(result.images),
+    }
+    reference = Reference(recorder.captured, result.images, models, device, pipe.tokenizer)
+    _free(pipe)
+    return entry, reference
+
+
+def measure_engine_backend(
+    name: str, work: Workload, reference: Reference, progress: Progress
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """Load, parity on the recorded inputs, timed runs; skipped with a reason if unusable."""
+    from sd_deploy.benchmarks.timing import TimedBackend
+    from sd_deploy.runtime.backends import select_backend, tensorrt_ready
+
+    config, manifest = work.config, work.manifest
+    entry: dict[str, Any] = {"name": name}
+    if name == "tensorrt":
+        ready, why = tensorrt_ready(config.engine_dir, manifest)
+        if not ready:
+            return skipped(entry, why, work, progress), None
+    progress.phase(f"{name}: loading")
+    library = "tensorrt" if name == "tensorrt" else "onnxruntime"
+    import_s = timed_import(library) if importlib.util.find_spec(library) else None
+    pipe: Pipeline | None = None
+    try:
+        with MemoryWatch() as memory:
+            with Stopwatch() as load:
+                backend, _ = select_backend(name, config.engine_dir, manifest)
+                if config.threads and hasattr(backend, "threads"):
+                    backend.threads = config.threads
+                timed = TimedBackend(backend)
+                pipe = Pipeline(config.engine_dir, backend=timed)
+                pipe.load_all()
+            entry.update(
+                status="ok",
+                describe=timed.describe(),
+                load_s=load.seconds,
+                import_s=import_s,
+                load_means="open every component of the engine dir (read the graphs or plans "
+                "and build the sessions)",
+            )
+            session_pipe = pipe
+            entry["parity"] = _parity(
+                name, lambda c, x: session_pipe.run(c, {}, **x), reference, progress
+            )
+            entry["latency"], images = _latency(
+                name, _pipeline_generate(pipe, work, progress), timed.log, work, progress
+            )
+        entry["memory"] = memory.read()
+    except UserError as exc:  # a backend missing here, a plan for another GPU, NaN from fp16
+        if pipe is None:
+            return skipped(entry, str(exc), work, progress), None
+        entry.update(status="failed", reason=str(exc))
+        return entry, None
+    finally:
+        if pipe is not None:
+            _free(pipe)
+    entry["parity"]["images"] = image_parity(images, reference.images)
+    return entry, images
+
+
+def measure_diffusers(
+    work: Workload, reference: Reference, progress: Progress
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    import torch
+
+    from sd_deploy.benchmarks.diffusers_backend import (
+        STOCHASTIC_SAMPLERS,
+        DiffusersBackend,
+        DiffusersPipelineRunner,
+        diffusers_unavailable,
+        import_diffusers_pipeline,
+    )
+
+    config, manifest = work.config, work.manifest
+    entry: dict[str, Any] = {"name": DIFFUSERS_BACKEND}
+    why = diffusers_unavailable()
+    if why is not None:
+        return skipped(entry, why, work, progress), None
+    dtype = torch.float16 if reference.device == "cuda" else torch.float32
+    progress.phase("diffusers: converting")
+    with Stopwatch(synchronize=False) as imports:
+        import_diffusers_pipeline()
+    with MemoryWatch() as memory:
+        with Stopwatch() as load:
+            backend = DiffusersBackend(reference.models, reference.device, dtype)
+            runner = DiffusersPipelineRunner(backend, config.sampler, manifest.scheduler)
+        entry.update(
+            status="ok",
+            role="baseline (diffusers StableDiffusionPipeline on the same weights)",
+            describe=backend.describe(),
+            load_s=load.seconds,
+            import_s=imports.seconds,
+            load_means="convert the reference's state dicts with diffusers' single-file "
+            "converters and build the pipeline (weights already in memory and shared, so "
+            "reading a checkpoint is not included)",
+        )
+        sessions: dict[str, Any] = {}
+
+        def run_component(component: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            if component not in sessions:
+                spec = manifest.components[component]
+                sessions[component] = backend.open(config.engine_dir, spec)
+            return sessions[component].run(inputs)
+
+        entry["parity"] = _parity(DIFFUSERS_BACKEND, run_component, reference, progress)
+
+        def generate(batch: int) -> np.ndarray:
+            prompts = config.prompts(batch)
+            texts = [NEGATIVE_PROMPT] * batch + prompts if config.guided else prompts
+            return runner.generate(
+                reference.tokenizer.encode(texts),
+                work.initial_noise(batch),
+                config.steps,
+                config.guidance,
+                config.height,
+                config.width,
+                config.seed,
+                progress=progress.step,
+            )
+
+        entry["latency"], images = _latency(DIFFUSERS_BACKEND, generate, runner.log, work, progress)
+    entry["memory"] = memory.read()
+    entry["memory"]["note"] = (
+        "shares the reference's weight tensors"
+        if dtype == torch.float32
+        else "holds its own fp16 copy of the UNet and VAE weights"
+    )
+    if config.sampler in STOCHASTIC_SAMPLERS:
+        entry["parity"]["images"] = {
+            "not_comparable": f"{config.sampler} is stochastic and diffusers draws its step "
+            "noise from torch's generator; use a deterministic sampler to compare images"
+        }
+    else:
+        entry["parity"]["images"] = image_parity(images, reference.images)
+    _free(runner, backend)
+    return entry, images
+
+
+def _parity(
+    name: str,
+    run: Callable[[str, dict[str, np.ndarray]], dict[str, np.ndarray]],
+    reference: Reference,
+    progress: Progress,
+) -> dict[str, Any]:
+    progress.phase(f"{name}: parity")
+    return {"components": component_parity(run, reference.captured.samples())}
+
+
+def _latency(
+    name: str, generate: Generate, log: CallLog, work: Workload, progress: Progress
+) -> tuple[dict[str, Any], np.ndarray]:
+    latency: dict[str, Any] = {}
+    first_images = np.zeros(0, np.uint8)
+    for batch in work.config.batches:
+        progress.phase(f"{name}: batch {batch}")
+        latency[str(batch)], images = measure_series(generate, log, batch, work.config)
+        if batch == work.config.batches[0]:
+            first_images = images
+    return latency, first_images
+
+
+def skipped(entry: dict[str, Any], reason: str, work: Workload, progress: Progress) -> dict:
+    progress.drop(work.steps_per_backend())
+    entry.update(status="skipped", reason=reason)
+    return entry
+
+
+def ratios(backends: dict[str, dict[str, Any]], batches: tuple[int, ...]) -> dict[str, Any]:
+    """Speed-ups (baseline median / backend median; > 1 is faster) against torch and diffusers."""
+    result: dict[str, Any] = {}
+    for baseline in (REFERENCE_BACKEND, DIFFUSERS_BACKEND):
+        base = backends.get(baseline)
+        if base is None or base.get("status") != "ok":
+            continue
+        for name, entry in backends.items():
+            if entry.get("status") != "ok" or name == baseline:
+                continue
+            per_batch: dict[str, Any] = {}
+            for batch in map(str, batches):
+                ours, theirs = entry["latency"][batch], base["latency"][batch]
+                figures = {
+                    "end_to_end": _ratio(theirs["end_to_end"], ours["end_to_end"]),
+                    # Best run against best run: the least disturbed by other work.
+                    "end_to_end_best": _ratio(theirs["end_to_end"], ours["end_to_end"], "min"),
+                }
+                for component in COMPONENT_ORDER:
+                    if component in ours["components"] and component in theirs["components"]:
+                        figures[component] = _ratio(
+                            theirs["components"][component], ours["components"][component]
+                        )
+                per_batch[batch] = figures
+            load = base["load_s"] / entry["load_s"] if entry.get("load_s") else None
+            result.setdefault(f"vs_{baseline}", {})[name] = {"latency": per_batch, "load": load}
+    return result
+
+
+def _ratio(baseline: dict[str, Any], ours: dict[str, Any], key: str = "median") -> float | None:
+    if not ours.get(key) or not baseline.get(key):
+        return None
+    return float(baseline[key] / ours[key])
+
+
+def run_benchmark(
+    engine_dir: str | Path,
+    backends: str | tuple[str, ...] = "torch,onnxruntime,tensorrt,diffusers",
+    steps: int | None = None,
+    batches: str | tuple[int, ...] = (1,),
+    size: str | tuple[int, int] | None = None,
+    sampler: str | None = None,
+    runs: int = 3,
+    warmup: int = 1,
+    report_dir: str | Path = "bench-report",
+    model_source: str | None = None,
+    guidance: float | None = None,
+    seed: int = 0,
+    threads: int | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Measure PyTorch and each backend on the same work; write report.json/.md and plots.
+
+    Returns the report (what report.json holds). User errors (bad options, engine dir
+    problems, an unwritable report folder) are raised as `UserError` before any work.
+    """
+    from sd_deploy.benchmarks.report import write_report
+
+    config, manifest = resolve_config(
+        engine_dir,
+        backends=backends,
+        steps=steps,
+        batches=batches,
+        size=size,
+        sampler=sampler,
+        guidance=guidance,
+        runs=runs,
+        warmup=warmup,
+        seed=seed,
+        report_dir=report_dir,
+        model_source=model_source,
+        threads=threads,
+    )
+    reference_source(manifest, config.engine_dir, config.model_source)  # fail before any work
+    work = Workload(config, manifest)
+    report: dict[str, Any] = {
+        "schema": REPORT_SCHEMA,
+        "machine": machine_info(),
+        "versions": versions(),
+        "config": config.to_json(),
+        "engine": engine_summary(manifest),
+        "backends": {},
+    }
+    total = work.steps_per_backend() * len(config.backends) + config.steps
+    images: dict[str, np.ndarray] = {}
+    with Progress(progress, total) as bar, torch_threads(config.threads) as used:
+        report["machine"]["torch_threads"] = used
+
+        def record(name: str, measured: tuple[dict[str, Any], np.ndarray | None], start: Any):
+            entry, got = measured
+            # Other work on the machine during this backend's phase (1-minute average).
+            entry["load_average"] = {"start": start, "end": load_average()}
+            report["backends"][name] = entry
+            if got is not None:
+                images[name] = got
+
+        start = load_average()
+        entry, reference = measure_reference(work, bar)
+        record(REFERENCE_BACKEND, (entry, reference.images), start)
+        if DIFFUSERS_BACKEND in config.backends:
+            start = load_average()
+            record(DIFFUSERS_BACKEND, measure_diffusers(work, reference, bar), start)
+        reference.models = None  # the engine backends need only the recorded outputs
+        gc.collect()
+        for name in config.backends:
+            if name in (REFERENCE_BACKEND, DIFFUSERS_BACKEND):
+                continue
+            start = load_average()
+            record(name, measure_engine_backend(name, work, reference, bar), start)
+    report["ratios"] = ratios(report["backends"], config.batches)
+    report["machine"]["load_average_end"] = load_average()
+    write_report(report, images, config.report_dir)
+    return report
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[int]:
+    """PyTorch's intra-op threads set to `threads` (if given) for the run, then restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def engine_summary(manifest: Manifest) -> dict[str, Any]:
+    return {
+        "family": manifest.model.family,
+        "prediction_type": manifest.model.prediction_type,
+        "source": manifest.provenance.get("source"),
+        "components": {
+            name: {
+                "precision": spec.precision,
+                "export_validation_rel_l2": spec.validation.get("max_rel_l2"),
+                "shape_ranges": spec.shape_ranges.to_json(),
+            }
+            for name, spec in manifest.components.items()
+        },
+    }
