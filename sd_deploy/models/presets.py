@@ -123,6 +123,24 @@ PRESETS: dict[str, ModelConfig] = {
         pad_token_id=0,
         default_steps=10,
     ),
+    # The small model trained on coloured shapes that ships with the package (the default
+    # model; tools/train_default_model.py). scaling_factor is 1/std of its VAE's latents.
+    "shapes": ModelConfig(
+        "shapes",
+        UNetConfig(
+            model_channels=64, channel_mult=(1, 2, 2), num_res_blocks=1,
+            attention_resolutions=(1, 2), context_dim=64, num_head_channels=32,
+        ),
+        VAEConfig(ch=16, ch_mult=(1, 1, 2, 4), num_res_blocks=1, norm_num_groups=8,
+                  scaling_factor=1.0),
+        TextEncoderConfig(
+            hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4
+        ),
+        default_size=64,
+        default_sampler="dpmpp_2m_karras",
+        default_steps=20,
+        default_guidance=5.0,
+    ),
 }  # fmt: skip
 
 
