@@ -48,7 +48,8 @@ unet, vae = convert_to_diffusers(models)
 tok_dir = pathlib.Path(tempfile.mkdtemp())
 write_clip_tokenizer_files(tok_dir)
 pipe = StableDiffusionPipeline(vae=vae, text_encoder=models.text_encoder.model,
-    tokenizer=CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True), unet=unet,
+    tokenizer=CLIPTokenizer.from_pretrained(tok_dir, local_files_only=True, model_max_length=77),
+    unet=unet,
     scheduler=make_diffusers_scheduler("dpmpp_2m_karras", manifest.scheduler),
     safety_checker=None, feature_extractor=None, requires_safety_checker=False)
 del models.unet, models.vae
