@@ -51,13 +51,23 @@ def range_options(func: F) -> F:
     return func
 
 
+command = click.command(context_settings={"help_option_names": ["-h", "--help"]})
+engine_option = click.option(
+    "--engine",
+    "engine_dir",
+    default="engines",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Engine dir made by sd-export (and sd-build).",
+)
+
 COMPONENT_CHOICES = ["all", "text_encoder", "unet", "vae_decoder", "vae_encoder"]
 
 
 # ---------------------------------------------------------------------------- sd-export
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@command
 @click.option(
     "--model",
     "source",
@@ -157,15 +167,8 @@ def export_command(
 # ---------------------------------------------------------------------------- sd-build
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--engine",
-    "engine_dir",
-    default="engines",
-    show_default=True,
-    type=click.Path(path_type=Path),
-    help="Engine dir made by sd-export.",
-)
+@command
+@engine_option
 @click.option(
     "--component", "components", multiple=True, default=("all",), show_default=True, metavar="NAME"
 )
@@ -216,15 +219,8 @@ def _sampler_help() -> str:
     return "Sampler: " + "; ".join(f"{name} ({s.description})" for name, s in SAMPLERS.items())
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--engine",
-    "engine_dir",
-    default="engines",
-    show_default=True,
-    type=click.Path(path_type=Path),
-    help="Engine dir made by sd-export (and sd-build).",
-)
+@command
+@engine_option
 @click.option("--prompt", required=True, help="What to draw.")
 @click.option("--negative-prompt", default="", help="What to steer away from.")
 @click.option("--steps", type=int, default=None, help="Sampling steps [engine default].")
@@ -322,15 +318,8 @@ def next_free_path(folder: Path, seed: int) -> Path:
 # ---------------------------------------------------------------------------- sd-bench
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option(
-    "--engine",
-    "engine_dir",
-    default="engines",
-    show_default=True,
-    type=click.Path(path_type=Path),
-    help="Engine dir made by sd-export (and sd-build).",
-)
+@command
+@engine_option
 @click.option(
     "--backends",
     default="torch,onnxruntime,tensorrt,diffusers",

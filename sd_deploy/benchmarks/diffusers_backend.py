@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from sd_deploy.benchmarks.timing import CallLog, cuda_synchronize
+from sd_deploy.benchmarks.torch_backend import TorchSession
 from sd_deploy.models import LoadedModels, ModelConfig
 from sd_deploy.runtime.backends.base import Backend, ComponentSession
 from sd_deploy.runtime.manifest import ComponentSpec
@@ -174,34 +175,6 @@ def make_diffusers_scheduler(sampler: str, scheduler_config: Mapping[str, Any]) 
     return cls(**{**config, **options})
 
 
-class _DiffusersSession(ComponentSession):
-    def __init__(
-        self,
-        spec: ComponentSpec,
-        forward: Callable[..., tuple[torch.Tensor, ...]],
-        device: torch.device,
-        dtype: torch.dtype,
-    ) -> None:
-        super().__init__(spec)
-        self.forward = forward
-        self.device = device
-        self.dtype = dtype
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        args = []
-        for spec in self.spec.inputs:
-            tensor = torch.from_numpy(np.asarray(feeds[spec.name])).to(self.device)
-            if tensor.is_floating_point() and spec.name != "timestep":
-                tensor = tensor.to(self.dtype)
-            args.append(tensor)
-        with torch.inference_mode():
-            outs = self.forward(*args)
-        cuda_synchronize()
-        return {
-            o.name: t.float().cpu().numpy() for o, t in zip(self.spec.outputs, outs, strict=True)
-        }
-
-
 class DiffusersBackend(Backend):
     """diffusers' UNet and VAE (and our shared CLIP text model) behind the Backend interface.
 
@@ -256,7 +229,7 @@ class DiffusersBackend(Backend):
             "vae_decoder": lambda latent: (self.decode(latent),),
             "vae_encoder": self.encode,
         }
-        return _DiffusersSession(spec, forwards[spec.name], self.device, self.dtype)
+        return TorchSession(spec, forwards[spec.name], self.device, self.dtype)
 
 
 class DiffusersPipelineRunner:

@@ -7,7 +7,7 @@ the component executor differs. Used by parity tests and sd-bench.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -20,11 +20,17 @@ from sd_deploy.runtime.manifest import ComponentSpec
 
 
 class TorchSession(ComponentSession):
+    """numpy in, a torch callable (a module or a diffusers forward), numpy out."""
+
     def __init__(
-        self, spec: ComponentSpec, module: torch.nn.Module, device: torch.device, dtype: torch.dtype
+        self,
+        spec: ComponentSpec,
+        forward: Callable[..., torch.Tensor | tuple[torch.Tensor, ...]],
+        device: torch.device,
+        dtype: torch.dtype,
     ) -> None:
         super().__init__(spec)
-        self.module = module
+        self.forward = forward
         self.device = device
         self.dtype = dtype
 
@@ -36,7 +42,7 @@ class TorchSession(ComponentSession):
                 tensor = tensor.to(self.dtype)
             args.append(tensor)
         with torch.inference_mode():
-            out = self.module(*args)
+            out = self.forward(*args)
         outs = (out,) if isinstance(out, torch.Tensor) else tuple(out)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
