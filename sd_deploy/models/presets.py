@@ -132,14 +132,14 @@ PRESETS: dict[str, ModelConfig] = {
             attention_resolutions=(1, 2), context_dim=64, num_head_channels=32,
         ),
         VAEConfig(ch=16, ch_mult=(1, 1, 2, 4), num_res_blocks=1, norm_num_groups=8,
-                  scaling_factor=1.0),
+                  scaling_factor=0.42109),
         TextEncoderConfig(
             hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4
         ),
         default_size=64,
         default_sampler="dpmpp_2m_karras",
         default_steps=20,
-        default_guidance=5.0,
+        default_guidance=3.0,
     ),
 }  # fmt: skip
 
