@@ -6,6 +6,12 @@ its traceback.
 """
 
 
+def first_line(exc: BaseException) -> str:
+    """A library exception as one line: its first line, or its type when it says nothing."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class UserError(Exception):
     """An error caused by user input; its message is shown as one line."""
 

@@ -35,7 +35,7 @@ from sd_deploy.engines.metadata import (
     write_metadata,
 )
 from sd_deploy.engines.profiles import ProfileShapes, build_ranges, check_within, wanted_profile
-from sd_deploy.errors import BuildError, EngineDirError
+from sd_deploy.errors import BuildError, EngineDirError, first_line
 from sd_deploy.runtime.manifest import COMPONENTS, Manifest, read_manifest
 
 INSTALL_HINT = "pip install 'sd-deploy[trt]' on a machine with an NVIDIA GPU"
@@ -320,11 +320,11 @@ def _build_one(
         os.replace(tmp, plan)
     except lib["PolygraphyException"] as exc:
         raise BuildError(
-            f"building {name} from {relative(onnx, root)} failed: {_first_line(exc)}"
+            f"building {name} from {relative(onnx, root)} failed: {first_line(exc)}"
         ) from None
     except RuntimeError as exc:  # TensorRT's pybind errors
         raise BuildError(
-            f"building {name} from {relative(onnx, root)} failed: {_first_line(exc)}"
+            f"building {name} from {relative(onnx, root)} failed: {first_line(exc)}"
         ) from None
     except OSError as exc:
         raise BuildError(f"cannot write {plan}: {exc.strerror or exc}") from None
@@ -332,8 +332,3 @@ def _build_one(
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
     return time.perf_counter() - start
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

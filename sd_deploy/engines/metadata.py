@@ -16,7 +16,6 @@ mapping instead of asking TensorRT, so they are tested without a GPU.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from sd_deploy.engines.profiles import ProfileShapes, profile_difference
+from sd_deploy.hashing import sha256_file
 from sd_deploy.runtime.manifest import ComponentSpec
 
 METADATA_VERSION = 1
@@ -54,14 +54,6 @@ def relative(path: Path, engine_dir: str | Path) -> str:
         return str(path.relative_to(engine_dir))
     except ValueError:
         return str(path)
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def source_onnx_sha256(engine_dir: str | Path, spec: ComponentSpec) -> str:

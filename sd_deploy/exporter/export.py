@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import gc
-import hashlib
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +28,7 @@ from sd_deploy.exporter.engine_dir import (
 )
 from sd_deploy.exporter.onnx_export import export_module, export_onnx, finalize_onnx
 from sd_deploy.exporter.validate import validate_component
+from sd_deploy.hashing import sha256_file
 from sd_deploy.models import LoadedModels
 from sd_deploy.runtime import shapes
 from sd_deploy.runtime.manifest import (
@@ -42,14 +42,6 @@ from sd_deploy.runtime.manifest import (
 )
 
 DEFAULT_OPSET = 17
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def resolve_components(names: Sequence[str]) -> list[str]:

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sd_deploy.errors import ExportError
+from sd_deploy.errors import ExportError, first_line
 from sd_deploy.exporter.components import ComponentGraph, sample_inputs
 from sd_deploy.runtime.metrics import max_abs_error, relative_l2
 
@@ -34,7 +34,7 @@ def check_graph(path: Path) -> None:
                 str(path), str(Path(tmp) / "inferred.onnx"), strict_mode=True
             )
     except Exception as exc:  # onnx raises several unrelated types here
-        raise ExportError(f"{path}: ONNX check failed: {str(exc).splitlines()[0]}") from None
+        raise ExportError(f"{path}: ONNX check failed: {first_line(exc)}") from None
 
 
 def ort_session(path: Path) -> Any:

@@ -72,6 +72,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from sd_deploy.errors import CheckpointError
+from sd_deploy.hashing import files_sha256 as _files_sha256
+from sd_deploy.hashing import sha256_file as file_sha256
 from sd_deploy.models.checkpoints.assembly import build as _build
 from sd_deploy.models.checkpoints.assembly import meta_modules as _meta_modules
 from sd_deploy.models.checkpoints.diffusers_configs import folder_config as _folder_config
@@ -80,8 +82,6 @@ from sd_deploy.models.checkpoints.diffusers_folder import folder_components as _
 from sd_deploy.models.checkpoints.diffusers_folder import open_components as _open_components
 from sd_deploy.models.checkpoints.diffusers_folder import tokenizer_dir as _tokenizer_dir
 from sd_deploy.models.checkpoints.families import normalize_prediction as _normalize_prediction
-from sd_deploy.models.checkpoints.hashing import file_sha256
-from sd_deploy.models.checkpoints.hashing import files_sha256 as _files_sha256
 from sd_deploy.models.checkpoints.readers import SINGLE_FILE_SUFFIXES
 from sd_deploy.models.checkpoints.readers import Reader as _Reader  # noqa: F401 (tests use it)
 from sd_deploy.models.checkpoints.readers import open_weights_file as _open_weights_file

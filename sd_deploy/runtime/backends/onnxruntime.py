@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from sd_deploy.errors import UserError
+from sd_deploy.errors import UserError, first_line
 from sd_deploy.runtime.backends.base import Backend, ComponentSession
 from sd_deploy.runtime.manifest import ComponentSpec
 
@@ -129,6 +129,5 @@ class OnnxRuntimeBackend(Backend):
                 os.fspath(path), options, providers=self.provider_options(Path(engine_dir), spec)
             )
         except Exception as exc:  # ORT raises its own exception types for corrupt graphs
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"cannot load {path} with ONNX Runtime: {first}") from None
+            raise UserError(f"cannot load {path} with ONNX Runtime: {first_line(exc)}") from None
         return OnnxRuntimeSession(spec, session)

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from sd_deploy.errors import BuildError, RequestError
+from sd_deploy.errors import BuildError, RequestError, first_line
 from sd_deploy.runtime import shapes
 from sd_deploy.runtime.backends.base import Backend, ComponentSession
 from sd_deploy.runtime.manifest import REQUIRED_COMPONENTS, ComponentSpec, Manifest
@@ -46,11 +46,6 @@ def build_command(engine_dir: str | Path, component: str | None = None) -> str:
     """The sd-build command line that (re)builds plans for this engine dir."""
     command = f"sd-build --engine {engine_dir}"
     return f"{command} --component {component}" if component else command
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""sha256 of what was loaded (`LoadedModels.source_sha256`), read in chunks to stay light."""
+"""sha256 of files, read in chunks to stay light: checkpoint provenance, the ONNX hashes in
+manifests and TensorRT plan metadata all use these (stdlib only, safe for the runtime)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 _HASH_CHUNK = 1 << 20
 
 
-def file_sha256(path: Path) -> str:
+def sha256_file(path: str | Path) -> str:
     """sha256 of a file, read in 1 MiB chunks (memory-light)."""
     digest = hashlib.sha256()
     _hash_into(digest, Path(path))
