@@ -33,6 +33,7 @@ from diffusers.loaders.single_file_utils import (  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import CLIPTextModel  # noqa: E402
 
+from sd_deploy.benchmarks.diffusers_backend import ldm_original_config  # noqa: E402
 from sd_deploy.models import ModelConfig, build_random, get_preset  # noqa: E402
 from sd_deploy.models.checkpoints import load_checkpoint  # noqa: E402
 
@@ -42,43 +43,6 @@ TOLERANCE = 1e-4
 def rel_l2(ours: torch.Tensor, reference: torch.Tensor) -> float:
     ours, reference = ours.double(), reference.double()
     return ((ours - reference).norm() / reference.norm()).item()
-
-
-def ldm_original_config(config: ModelConfig) -> dict[str, Any]:
-    """The parts of an ldm yaml (v1-inference.yaml style) diffusers' converters read."""
-    u, v = config.unet, config.vae
-    unet_params: dict[str, Any] = {
-        "in_channels": u.in_channels,
-        "out_channels": u.out_channels,
-        "model_channels": u.model_channels,
-        "channel_mult": list(u.channel_mult),
-        "num_res_blocks": u.num_res_blocks,
-        "attention_resolutions": list(u.attention_resolutions),
-        "context_dim": u.context_dim,
-        "transformer_depth": u.transformer_depth,
-        "use_linear_in_transformer": u.use_linear_in_transformer,
-    }
-    if u.num_head_channels == -1:
-        unet_params["num_heads"] = u.num_heads
-    else:
-        unet_params["num_head_channels"] = u.num_head_channels
-    ddconfig = {
-        "in_channels": v.in_channels,
-        "out_ch": v.out_channels,
-        "ch": v.ch,
-        "ch_mult": list(v.ch_mult),
-        "num_res_blocks": v.num_res_blocks,
-        "z_channels": v.z_channels,
-    }
-    return {
-        "model": {
-            "params": {
-                "scale_factor": v.scaling_factor,
-                "unet_config": {"params": unet_params},
-                "first_stage_config": {"params": {"embed_dim": v.embed_dim, "ddconfig": ddconfig}},
-            }
-        }
-    }
 
 
 def diffusers_configs(config: ModelConfig, checkpoint: dict[str, Any]) -> tuple[dict, dict]:
