@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from sd_deploy.engines.profiles import ProfileShapes, profile_difference
-from sd_deploy.hashing import sha256_file
+from sd_deploy.hashing import files_sha256
 from sd_deploy.runtime.manifest import ComponentSpec
 
 METADATA_VERSION = 1
@@ -57,8 +57,10 @@ def relative(path: Path, engine_dir: str | Path) -> str:
 
 
 def source_onnx_sha256(engine_dir: str | Path, spec: ComponentSpec) -> str:
-    """The manifest's hash of the component's model.onnx, recomputed when it has none."""
-    return spec.onnx_sha256 or sha256_file(Path(engine_dir) / spec.onnx)
+    """The manifest's hash of the component's graph files (model.onnx and its external
+    weights), recomputed when it has none."""
+    root = Path(engine_dir)
+    return spec.onnx_sha256 or files_sha256(root, [root / f for f in spec.files])
 
 
 @dataclass

@@ -28,7 +28,7 @@ from sd_deploy.exporter.engine_dir import (
 )
 from sd_deploy.exporter.onnx_export import export_module, export_onnx, finalize_onnx
 from sd_deploy.exporter.validate import validate_component
-from sd_deploy.hashing import sha256_file
+from sd_deploy.hashing import files_sha256
 from sd_deploy.models import LoadedModels
 from sd_deploy.runtime import shapes
 from sd_deploy.runtime.manifest import (
@@ -140,7 +140,9 @@ def export_component(
         ],
         shape_ranges=ranges,
         profile_shapes=shapes.profile_shapes(inputs, ranges, scale),
-        onnx_sha256=sha256_file(out_dir / "model.onnx"),
+        # The graph and its external weights: a re-export with other weights of the same
+        # architecture writes a byte-identical model.onnx beside a different .onnx_data.
+        onnx_sha256=files_sha256(out_dir.parent, files),
         validation=validation,
     )
 

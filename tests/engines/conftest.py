@@ -8,12 +8,12 @@ files, so these tests need no real ONNX export; the GPU tests use the real
 from __future__ import annotations
 
 import copy
-import hashlib
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from sd_deploy.hashing import files_sha256
 from sd_deploy.runtime.manifest import Manifest
 
 RANGES = {"batch": [1, 1, 4], "height": [32, 64, 128], "width": [32, 64, 128]}
@@ -100,6 +100,10 @@ def make_engine_dir(
         graph = root / name / "model.onnx"
         graph.parent.mkdir(exist_ok=True)
         graph.write_bytes(f"placeholder graph of {name}".encode())
+        files = [graph]
+        if name == "unet":  # as a full-size UNet: weights in an external data file
+            files.append(graph.with_name("model.onnx_data"))
+            files[-1].write_bytes(b"placeholder weights")
         spec = copy.deepcopy(COMPONENTS[name])
         if precision == "fp32":
             for tensor in spec["inputs"] + spec["outputs"]:
@@ -107,10 +111,10 @@ def make_engine_dir(
                     tensor["dtype"] = "float32"
         spec.update(
             onnx=f"{name}/model.onnx",
-            files=[f"{name}/model.onnx"],
+            files=[f.relative_to(root).as_posix() for f in files],
             precision=precision,
             shape_ranges=RANGES,
-            onnx_sha256=hashlib.sha256(graph.read_bytes()).hexdigest(),
+            onnx_sha256=files_sha256(root, files),
         )
         specs[name] = spec
     data = {

@@ -15,11 +15,11 @@ from sd_deploy.engines.metadata import (
     plan_path,
     plan_status,
     read_metadata,
-    sha256_file,
     source_onnx_sha256,
     write_metadata,
 )
 from sd_deploy.engines.profiles import wanted_profile
+from sd_deploy.hashing import files_sha256
 from sd_deploy.runtime.manifest import read_manifest
 
 
@@ -192,7 +192,17 @@ def test_reasons_follow_the_fix_order(engine_dir, env):
 
 def test_onnx_hash_recomputed_when_manifest_has_none(engine_dir):
     spec = read_manifest(engine_dir).components["unet"]
-    expected = sha256_file(engine_dir / spec.onnx)
+    expected = files_sha256(engine_dir, [engine_dir / f for f in spec.files])
     assert source_onnx_sha256(engine_dir, spec) == expected == spec.onnx_sha256
     spec.onnx_sha256 = ""
     assert source_onnx_sha256(engine_dir, spec) == expected
+
+
+def test_onnx_hash_covers_external_weights(engine_dir):
+    # Same architecture, other weights: model.onnx is byte-identical, only the data differs.
+    spec = read_manifest(engine_dir).components["unet"]
+    assert spec.files == ["unet/model.onnx", "unet/model.onnx_data"]
+    spec.onnx_sha256 = ""
+    before = source_onnx_sha256(engine_dir, spec)
+    (engine_dir / "unet" / "model.onnx_data").write_bytes(b"other weights")
+    assert source_onnx_sha256(engine_dir, spec) != before
