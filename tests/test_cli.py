@@ -97,6 +97,7 @@ def test_export_then_run_writes_pngs_with_parameters(tmp_path):
         (["--init-image", "{tmp}/bad.png"], "is not a readable image"),
         (["--init-image", "{tmp}/ok.png", "--strength", "0"], "strength must be in (0, 1]"),
         (["--backend", "magic"], "unknown backend 'magic'"),
+        (["--threads", "0"], "threads must be >= 1, got 0"),
     ],
 )
 def test_run_errors(args, fragment, tmp_path, tiny_engine_fp32):

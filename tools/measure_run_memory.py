@@ -1,12 +1,19 @@
 """Peak RSS and time of generations: sd-run on ONNX Runtime vs diffusers, each in its own process.
 
-    python tools/measure_run_memory.py ENGINE_DIR [--size 256] [--steps 10]
+    python tools/measure_run_memory.py ENGINE_DIR [--size 256] [--steps 10] [--threads 1]
 
 The engine dir must come from seeded random weights (provenance "preset:NAME:random-seed-S")
-so the diffusers side can be built from the same preset. Each side runs in its own
-interpreter with one intra-op thread, loads, then generates twice (the first run pays
-one-off costs), and reports ru_maxrss (the whole process's peak), load and generation
-seconds, and for sd-run the share of time spent outside backend calls.
+so the diffusers side can be built from the same preset. Four processes, one after the
+other, the same request in each (seed 0, dpmpp_2m_karras, guidance 7.5):
+
+  sd-run                   the `sd-run` command as a user types it (one generation)
+  diffusers x1             StableDiffusionPipeline built, then called once
+  Pipeline kept loaded x2  the library as a service uses it: loaded once, called twice
+  diffusers x2             the same for diffusers
+
+Peak RSS is each process's own ru_maxrss (from wait4, so children never mix). sd-run
+frees each component when done with it; a service keeps them loaded, so the x2 rows
+are the fair comparison for that use. Times are seconds of wall clock.
 """
 
 from __future__ import annotations
@@ -14,28 +21,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
+import time
+from pathlib import Path
 
-SD_RUN = """
-import json, resource, time, numpy as np
+PIPELINE = """
+import json, numpy as np
 from sd_deploy.runtime.pipeline import GenerationRequest, Pipeline
-from sd_deploy.runtime.backends.onnxruntime import OnnxRuntimeBackend
-pipe = Pipeline({engine!r}, backend=OnnxRuntimeBackend("cpu", threads=1))
+pipe = Pipeline({engine!r}, backend="onnxruntime-cpu", threads={threads})
 runs = []
 for _ in range(2):
-    r = pipe.generate(GenerationRequest(prompt="a photo of a cat", seed=0, steps={steps},
+    r = pipe.generate(GenerationRequest(prompt={prompt!r}, seed=0, steps={steps},
                       height={size}, width={size}, sampler="dpmpp_2m_karras", guidance=7.5))
     runs.append(r.timings)
-print(json.dumps({{"side": "sd-run onnxruntime-cpu", "load_seconds": runs[0]["load"],
+print(json.dumps({{"load_seconds": runs[0]["load"],
     "generate_seconds": [t["total"] for t in runs],
-    "outside_backend_share": runs[-1]["outside_backend"] / runs[-1]["total"],
-    "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}}))
+    "outside_backend_share": runs[-1]["outside_backend"] / runs[-1]["total"]}}))
 """
 
 DIFFUSERS = """
-import json, resource, time, torch
-torch.set_num_threads(1)
+import json, time, torch
+torch.set_num_threads({threads})
 from diffusers import StableDiffusionPipeline
 from transformers import CLIPTokenizer
 from sd_deploy.benchmarks.diffusers_backend import convert_to_diffusers, make_diffusers_scheduler
@@ -58,15 +67,35 @@ pipe = StableDiffusionPipeline(vae=vae, text_encoder=models.text_encoder.model,
 del models.unet, models.vae
 load = time.perf_counter() - start
 runs = []
-for _ in range(2):
+for _ in range({generations}):
     g = time.perf_counter()
-    pipe("a photo of a cat", num_inference_steps={steps}, height={size}, width={size},
+    pipe({prompt!r}, num_inference_steps={steps}, height={size}, width={size},
          guidance_scale=7.5, generator=torch.Generator().manual_seed(0))
     runs.append(time.perf_counter() - g)
-print(json.dumps({{"side": "diffusers StableDiffusionPipeline", "load_seconds": load,
-    "generate_seconds": runs,
-    "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}}))
+print(json.dumps({{"load_seconds": load, "generate_seconds": runs}}))
 """
+
+PROMPT = "a photo of a cat"
+
+
+def run_measured(argv: list[str]) -> tuple[dict, float, float, str]:
+    """Run argv; return (its last JSON line or {}, wall seconds, peak RSS GiB, stderr)."""
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, text=True, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage
+        wall = time.perf_counter() - start
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode:
+        print(stderr[-2000:], file=sys.stderr)
+        raise SystemExit(proc.returncode)
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    peak_gib = round(usage.ru_maxrss / 2**20, 3)  # Linux: KiB
+    return (json.loads(lines[-1]) if lines else {}), wall, peak_gib, stderr
 
 
 def main() -> None:
@@ -74,20 +103,59 @@ def main() -> None:
     parser.add_argument("engine_dir")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
-    env = {"OMP_NUM_THREADS": "1"}
-    for code in (SD_RUN, DIFFUSERS):
-        script = code.format(engine=args.engine_dir, size=args.size, steps=args.steps)
-        out = subprocess.run(
-            [sys.executable, "-c", script],
-            capture_output=True,
-            text=True,
-            env={**os.environ, **env},
+    fmt = dict(
+        engine=args.engine_dir,
+        size=args.size,
+        steps=args.steps,
+        threads=args.threads,
+        prompt=PROMPT,
+    )
+    out_dir = tempfile.mkdtemp(prefix="measure-run-")
+    sides = {
+        "sd-run": [
+            str(Path(sys.executable).parent / "sd-run"),
+            "--engine",
+            args.engine_dir,
+            "--prompt",
+            PROMPT,
+            "--seed",
+            "0",
+            "--steps",
+            str(args.steps),
+            "--width",
+            str(args.size),
+            "--height",
+            str(args.size),
+            "--sampler",
+            "dpmpp_2m_karras",
+            "--guidance",
+            "7.5",
+            "--threads",
+            str(args.threads),
+            "--backend",
+            "onnxruntime-cpu",
+            "--quiet",
+            "--out",
+            out_dir,
+        ],
+        "diffusers x1": [sys.executable, "-c", DIFFUSERS.format(generations=1, **fmt)],
+        "Pipeline kept loaded x2": [sys.executable, "-c", PIPELINE.format(**fmt)],
+        "diffusers x2": [sys.executable, "-c", DIFFUSERS.format(generations=2, **fmt)],
+    }
+    for side, argv in sides.items():
+        result, wall, peak, stderr = run_measured(argv)
+        if side == "sd-run":
+            match = re.search(r"in ([\d.]+) s .*runtime overhead ([\d.]+) s", stderr)
+            if match:
+                total, overhead = map(float, match.groups())
+                result = {"generate_seconds": [total], "outside_backend_share": overhead / total}
+        print(
+            json.dumps(
+                {"side": side, "wall_seconds": round(wall, 1), "peak_rss_gib": peak, **result}
+            )
         )
-        if out.returncode:
-            print(out.stderr[-2000:], file=sys.stderr)
-            raise SystemExit(out.returncode)
-        print(json.dumps(json.loads(out.stdout.strip().splitlines()[-1])))
 
 
 if __name__ == "__main__":

@@ -280,9 +280,9 @@ def measure_engine_backend(
     try:
         with MemoryWatch() as memory:
             with Stopwatch() as load:
-                backend, _ = select_backend(name, config.engine_dir, manifest)
-                if config.threads and hasattr(backend, "threads"):
-                    backend.threads = config.threads
+                backend, _ = select_backend(
+                    name, config.engine_dir, manifest, threads=config.threads
+                )
                 timed = TimedBackend(backend)
                 pipe = Pipeline(config.engine_dir, backend=timed)
                 pipe.load_all()

@@ -80,12 +80,23 @@ def _as_list(value: str | Sequence[str], batch: int, what: str) -> list[str]:
 class Pipeline:
     """Stable Diffusion from an engine dir on one backend."""
 
-    def __init__(self, engine_dir: str | Path, backend: str | Backend = "auto") -> None:
+    def __init__(
+        self,
+        engine_dir: str | Path,
+        backend: str | Backend = "auto",
+        keep_loaded: bool = True,
+        threads: int | None = None,
+    ) -> None:
+        """`keep_loaded=False` frees each component as soon as a generation is done with
+        it, so at most one is resident at a time: the lowest peak memory for one-shot use
+        (sd-run), at the price of reloading every component on the next call. When `backend`
+        is a name, `threads` goes to ONNX Runtime (select_backend)."""
         self.engine_dir = Path(engine_dir)
+        self.keep_loaded = keep_loaded
         self.manifest: Manifest = read_manifest(self.engine_dir)
         if isinstance(backend, str):
             self.backend, self.backend_reason = select_backend(
-                backend, self.engine_dir, self.manifest
+                backend, self.engine_dir, self.manifest, threads=threads
             )
         else:
             self.backend, self.backend_reason = backend, "given"
@@ -135,6 +146,11 @@ class Pipeline:
                     f"{name} produced NaN/Inf in {key} (fp16 overflow? try the fp32 export)"
                 )
         return outputs
+
+    def done_with(self, name: str) -> None:
+        """This generation needs `name` no more: free it unless components stay loaded."""
+        if not self.keep_loaded and name in self._sessions:
+            self._sessions.pop(name).close()
 
     def close(self) -> None:
         for session in self._sessions.values():
@@ -212,6 +228,7 @@ class Pipeline:
 
         ids = self.tokenizer.encode(negatives + prompts if guided else prompts)
         context = self.run("text_encoder", timings, input_ids=ids)["text_embeddings"]
+        self.done_with("text_encoder")
 
         scheduler = make_scheduler(p["sampler"], self.manifest.scheduler)
         if request.init_image is None:
@@ -228,6 +245,7 @@ class Pipeline:
         else:
             image = prepare_init_image(request.init_image, p["width"], p["height"])
             enc = self.run("vae_encoder", timings, images=np.repeat(image, batch, axis=0))
+            self.done_with("vae_encoder")
             init = (
                 enc["latent_mean"].astype(np.float32)
                 + enc["latent_std"].astype(np.float32) * noise()
@@ -255,7 +273,9 @@ class Pipeline:
             if progress is not None:
                 progress(i, len(timesteps), float(t))
 
+        self.done_with("unet")
         images = self.run("vae_decoder", timings, latent=latents)["images"]
+        self.done_with("vae_decoder")
         timings["total"] = time.perf_counter() - start
         # Tokenizer, scheduler math, noise, casts: the runtime's own cost per call.
         timings["outside_backend"] = timings["total"] - sum(

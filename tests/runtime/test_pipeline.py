@@ -153,3 +153,48 @@ def test_non_finite_output_names_the_component(component, tiny_engine_fp32, tiny
     pipe = Pipeline(tiny_engine_fp32, backend=NaNBackend(TorchBackend(tiny_models), component))
     with pytest.raises(NonFiniteOutputError, match=f"^{component} produced NaN/Inf"):
         pipe.generate(noisy_request(steps=2))
+
+
+class CountingBackend(Backend):
+    """Wraps a backend and records how many sessions are open at once."""
+
+    name = "counting"
+
+    def __init__(self, inner: Backend) -> None:
+        self.inner = inner
+        self.open_now: set[str] = set()
+        self.most_open = 0
+        self.opened: list[str] = []
+
+    def open(self, engine_dir, spec):
+        session = self.inner.open(engine_dir, spec)
+        counter = self
+        self.open_now.add(spec.name)
+        self.most_open = max(self.most_open, len(self.open_now))
+        self.opened.append(spec.name)
+
+        class Counted(ComponentSession):
+            def run(self, feeds):
+                return session.run(feeds)
+
+            def close(self):
+                session.close()
+                counter.open_now.discard(spec.name)
+
+        return Counted(spec)
+
+
+@pytest.mark.parametrize("init_image", [False, True])
+def test_one_shot_pipeline_holds_one_component_at_a_time(init_image, tiny_engine_fp32, ort_fp32):
+    image = np.zeros((64, 64, 3), np.uint8) if init_image else None
+    request = noisy_request(steps=3, init_image=image)
+    counting = CountingBackend(ort_fp32.backend)
+    one_shot = Pipeline(tiny_engine_fp32, backend=counting, keep_loaded=False)
+    first = one_shot.generate(request)
+    assert counting.most_open == 1 and not counting.open_now
+    encoder = ["vae_encoder"] if init_image else []
+    assert counting.opened == ["text_encoder", *encoder, "unet", "vae_decoder"]
+    # A second call reloads what it needs and draws the same images as a kept-loaded pipeline.
+    again = one_shot.generate(request)
+    np.testing.assert_array_equal(first.images, again.images)
+    np.testing.assert_array_equal(first.images, ort_fp32.generate(request).images)

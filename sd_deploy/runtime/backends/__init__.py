@@ -23,12 +23,20 @@ BACKEND_NAMES = (
 )
 
 
-def select_backend(name: str, engine_dir: Path, manifest: Manifest) -> tuple[Backend, str]:
+def select_backend(
+    name: str,
+    engine_dir: Path,
+    manifest: Manifest,
+    threads: int | None = None,
+) -> tuple[Backend, str]:
     """Backend for `name` plus why it was chosen (shown to the user).
 
     auto: TensorRT when its library, a GPU and up-to-date plans are all present; else
-    ONNX Runtime with CUDA if available, else CPU.
+    ONNX Runtime with CUDA if available, else CPU. `threads` sets ONNX Runtime's
+    intra-op CPU threads (None: its default, one per physical core).
     """
+    if threads is not None and threads < 1:
+        raise UserError(f"threads must be >= 1, got {threads}")
     if name not in BACKEND_NAMES:
         raise UserError(f"unknown backend {name!r}; choose from {', '.join(BACKEND_NAMES)}")
     if name == "tensorrt":
@@ -41,7 +49,7 @@ def select_backend(name: str, engine_dir: Path, manifest: Manifest) -> tuple[Bac
         provider = {"onnxruntime": "auto", "onnxruntime-trt": "tensorrt"}.get(
             name, name.removeprefix("onnxruntime-")
         )
-        backend = OnnxRuntimeBackend(provider)
+        backend = OnnxRuntimeBackend(provider, threads=threads)
         return backend, f"requested --backend {name}"
 
     trt_ok, trt_reason = tensorrt_ready(engine_dir, manifest)
@@ -56,7 +64,7 @@ def select_backend(name: str, engine_dir: Path, manifest: Manifest) -> tuple[Bac
         )
     from sd_deploy.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
-    backend = OnnxRuntimeBackend("auto")
+    backend = OnnxRuntimeBackend("auto", threads=threads)
     return backend, f"auto: ONNX Runtime {backend.provider.upper()} because {trt_reason}"
 
 

@@ -49,6 +49,10 @@ class OnnxRuntimeSession(ComponentSession):
         outputs = self.session.run(self.output_names, dict(feeds))
         return dict(zip(self.output_names, outputs, strict=True))
 
+    def close(self) -> None:
+        """Drop the InferenceSession: ONNX Runtime frees its weights and arena with it."""
+        self.session = None
+
 
 class OnnxRuntimeBackend(Backend):
     """Runs the ONNX graphs with ONNX Runtime on the chosen execution provider."""
@@ -121,6 +125,11 @@ class OnnxRuntimeBackend(Backend):
         options = self._ort.SessionOptions()
         options.log_severity_level = 3
         options.graph_optimization_level = self._ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # No CPU arena: an arena keeps each session's largest activations allocated
+        # between calls, so a loaded pipeline holds the UNet's and the VAE decoder's peaks
+        # at once. Measured on SD 1.5 at 256 px: peak RSS 5.01 -> 4.46 GiB for a pipeline
+        # kept loaded over two generations, UNet step time unchanged (2.70 vs 2.68 s).
+        options.enable_cpu_mem_arena = False
         if self.threads:
             options.intra_op_num_threads = self.threads
         path = Path(engine_dir) / spec.onnx
