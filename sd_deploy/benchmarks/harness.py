@@ -344,6 +344,7 @@ def measure_diffusers(
             status="ok",
             role="baseline (diffusers StableDiffusionPipeline on the same weights)",
             describe=backend.describe(),
+            precision="fp16" if dtype == torch.float16 else "fp32",
             load_s=load.seconds,
             import_s=imports.seconds,
             load_means="convert the reference's state dicts with diffusers' single-file "

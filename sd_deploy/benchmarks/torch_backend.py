@@ -51,6 +51,20 @@ class TorchSession(ComponentSession):
         }
 
 
+def ieee_fp32_on_cuda() -> None:
+    """Make fp32 on CUDA mean fp32: PyTorch lets cuDNN convolutions use TF32 (10-bit
+    mantissa) by default, which puts the reference UNet ~1e-3 (rel L2) off the CPU's.
+    The global torch.backends.fp32_precision does not reach cuDNN's conv setting
+    (measured on PyTorch 2.11), so each operator family is set."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if conv is not None and hasattr(conv, "fp32_precision"):
+        conv.fp32_precision = "ieee"
+        torch.backends.cuda.matmul.fp32_precision = "ieee"
+    else:  # PyTorch before the fp32_precision settings
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
 class TorchBackend(Backend):
     """Runs `models` (already loaded) for each component of an engine dir."""
 
@@ -63,6 +77,8 @@ class TorchBackend(Backend):
         self.device = torch.device(device)
         self.dtype = dtype
         self._graphs = component_graphs(models)
+        if self.device.type == "cuda" and dtype == torch.float32:
+            ieee_fp32_on_cuda()
 
     def describe(self) -> str:
         return f"PyTorch {torch.__version__} ({self.device.type}, {str(self.dtype).split('.')[-1]})"

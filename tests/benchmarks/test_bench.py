@@ -127,22 +127,29 @@ def test_bench_measures_every_available_backend(bench_run):
     assert speedups["1"]["end_to_end"] > 0 and speedups["2"]["unet"] > 0
 
 
-def test_bench_parity_is_within_fp32_bounds(bench_run):
+# (rel L2, cosine, PSNR dB) per precision: fp32 as export validation and the pipeline
+# parity tests; fp16 (diffusers on a GPU) as the fp16 graphs' bounds there.
+PARITY_BOUNDS = {"fp32": (1e-4, 0.99999, 40.0), "fp16": (1e-2, 0.999, 35.0)}
+
+
+def test_bench_parity_is_within_bounds(bench_run):
     _, report_dir = bench_run
     report = strict_loads((report_dir / "report.json").read_text())
     for name in ("onnxruntime", "diffusers"):
         entry = report["backends"][name]
         if entry["status"] != "ok":
             continue
+        # The tiny engine dir is fp32; diffusers runs fp16 where there is a GPU.
+        max_rel_l2, min_cosine, min_psnr = PARITY_BOUNDS[entry.get("precision", "fp32")]
         components = entry["parity"]["components"]
         assert set(components) == {"text_encoder", "unet", "vae_decoder", "vae_encoder"}
         assert len(components["unet"]["samples"]) == STEPS  # first, middle, last step
         for component, p in components.items():
-            assert p["rel_l2"] <= 1e-4, (name, component, p)
-            assert p["cosine"] >= 0.99999, (name, component, p)
+            assert p["rel_l2"] <= max_rel_l2, (name, component, p)
+            assert p["cosine"] >= min_cosine, (name, component, p)
         images = entry["parity"]["images"]
         psnr = math.inf if images["psnr_db"] == "inf" else images["psnr_db"]
-        assert psnr >= 40.0, (name, images)
+        assert psnr >= min_psnr, (name, images)
         assert images["ssim"] >= 0.99
     # The reference images are not flat, so the PSNR above means something.
     assert report["backends"]["torch"]["reference_image_contrast"] > 5.0
