@@ -86,17 +86,18 @@ class Pipeline:
         backend: str | Backend = "auto",
         keep_loaded: bool = True,
         threads: int | None = None,
+        graph_cache: bool = True,
     ) -> None:
         """`keep_loaded=False` frees each component as soon as a generation is done with
         it, so at most one is resident at a time: the lowest peak memory for one-shot use
         (sd-run), at the price of reloading every component on the next call. When `backend`
-        is a name, `threads` goes to ONNX Runtime (select_backend)."""
+        is a name, `threads` and `graph_cache` go to ONNX Runtime (select_backend)."""
         self.engine_dir = Path(engine_dir)
         self.keep_loaded = keep_loaded
         self.manifest: Manifest = read_manifest(self.engine_dir)
         if isinstance(backend, str):
             self.backend, self.backend_reason = select_backend(
-                backend, self.engine_dir, self.manifest, threads=threads
+                backend, self.engine_dir, self.manifest, threads=threads, graph_cache=graph_cache
             )
         else:
             self.backend, self.backend_reason = backend, "given"

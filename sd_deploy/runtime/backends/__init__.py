@@ -28,12 +28,14 @@ def select_backend(
     engine_dir: Path,
     manifest: Manifest,
     threads: int | None = None,
+    graph_cache: bool = True,
 ) -> tuple[Backend, str]:
     """Backend for `name` plus why it was chosen (shown to the user).
 
     auto: TensorRT when its library, a GPU and up-to-date plans are all present; else
     ONNX Runtime with CUDA if available, else CPU. `threads` sets ONNX Runtime's
-    intra-op CPU threads (None: its default, one per physical core).
+    intra-op CPU threads (None: its default, one per physical core); `graph_cache`
+    whether it keeps its optimized CPU graphs in the engine dir.
     """
     if threads is not None and threads < 1:
         raise UserError(f"threads must be >= 1, got {threads}")
@@ -49,7 +51,7 @@ def select_backend(
         provider = {"onnxruntime": "auto", "onnxruntime-trt": "tensorrt"}.get(
             name, name.removeprefix("onnxruntime-")
         )
-        backend = OnnxRuntimeBackend(provider, threads=threads)
+        backend = OnnxRuntimeBackend(provider, threads=threads, graph_cache=graph_cache)
         return backend, f"requested --backend {name}"
 
     trt_ok, trt_reason = tensorrt_ready(engine_dir, manifest)
@@ -64,7 +66,7 @@ def select_backend(
         )
     from sd_deploy.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
-    backend = OnnxRuntimeBackend("auto", threads=threads)
+    backend = OnnxRuntimeBackend("auto", threads=threads, graph_cache=graph_cache)
     return backend, f"auto: ONNX Runtime {backend.provider.upper()} because {trt_reason}"
 
 
