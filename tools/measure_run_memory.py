@@ -7,6 +7,7 @@ so the diffusers side can be built from the same preset. Four processes, one aft
 other, the same request in each (seed 0, dpmpp_2m_karras, guidance 7.5):
 
   sd-run                   the `sd-run` command as a user types it (one generation)
+  sd-run --no-graph-cache  the same, ONNX Runtime optimizing every graph at load
   diffusers x1             StableDiffusionPipeline built, then called once
   Pipeline kept loaded x2  the library as a service uses it: loaded once, called twice
   diffusers x2             the same for diffusers
@@ -113,40 +114,23 @@ def main() -> None:
         prompt=PROMPT,
     )
     out_dir = tempfile.mkdtemp(prefix="measure-run-")
+    sd_run = [
+        str(Path(sys.executable).parent / "sd-run"),
+        "--engine", args.engine_dir, "--prompt", PROMPT, "--seed", "0",
+        "--steps", str(args.steps), "--width", str(args.size), "--height", str(args.size),
+        "--sampler", "dpmpp_2m_karras", "--guidance", "7.5", "--threads", str(args.threads),
+        "--backend", "onnxruntime-cpu", "--quiet", "--out", out_dir,
+    ]  # fmt: skip
     sides = {
-        "sd-run": [
-            str(Path(sys.executable).parent / "sd-run"),
-            "--engine",
-            args.engine_dir,
-            "--prompt",
-            PROMPT,
-            "--seed",
-            "0",
-            "--steps",
-            str(args.steps),
-            "--width",
-            str(args.size),
-            "--height",
-            str(args.size),
-            "--sampler",
-            "dpmpp_2m_karras",
-            "--guidance",
-            "7.5",
-            "--threads",
-            str(args.threads),
-            "--backend",
-            "onnxruntime-cpu",
-            "--quiet",
-            "--out",
-            out_dir,
-        ],
+        "sd-run": sd_run,
+        "sd-run --no-graph-cache": [*sd_run, "--no-graph-cache"],
         "diffusers x1": [sys.executable, "-c", DIFFUSERS.format(generations=1, **fmt)],
         "Pipeline kept loaded x2": [sys.executable, "-c", PIPELINE.format(**fmt)],
         "diffusers x2": [sys.executable, "-c", DIFFUSERS.format(generations=2, **fmt)],
     }
     for side, argv in sides.items():
         result, wall, peak, stderr = run_measured(argv)
-        if side == "sd-run":
+        if side.startswith("sd-run"):
             match = re.search(r"in ([\d.]+) s .*runtime overhead ([\d.]+) s", stderr)
             if match:
                 total, overhead = map(float, match.groups())
