@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import os
 import random
 import struct
 from dataclasses import replace
@@ -87,6 +88,16 @@ def tiny_state(tiny: LoadedModels) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- round trips
+
+
+def test_saved_checkpoint_follows_the_umask(tmp_path: Path, tiny: LoadedModels) -> None:
+    # safetensors alone creates 0600 files, unreadable to the rest of a team.
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tiny, tmp_path / "model.safetensors")
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 @pytest.mark.parametrize("name", SMALL_PRESETS)
