@@ -1,14 +1,16 @@
 """Peak RSS and time of generations: sd-run on ONNX Runtime vs diffusers, each in its own process.
 
     python tools/measure_run_memory.py ENGINE_DIR [--size 256] [--steps 10] [--threads 1]
+                                       [--rounds 1]
 
-The engine dir must come from seeded random weights (provenance "preset:NAME:random-seed-S")
-so the diffusers side can be built from the same preset. Four processes, one after the
-other, the same request in each (seed 0, dpmpp_2m_karras, guidance 7.5):
+The engine dir must come from seeded random weights (provenance "preset:NAME:random-seed-S"):
+the same weights are saved once as a diffusers folder (--diffusers-dir, unmeasured), which
+the diffusers side loads with from_pretrained. Then five processes, one after the other,
+the same request in each (seed 0, dpmpp_2m_karras, guidance 7.5):
 
   sd-run                   the `sd-run` command as a user types it (one generation)
   sd-run --no-graph-cache  the same, ONNX Runtime optimizing every graph at load
-  diffusers x1             StableDiffusionPipeline built, then called once
+  diffusers x1             StableDiffusionPipeline.from_pretrained, then called once
   Pipeline kept loaded x2  the library as a service uses it: loaded once, called twice
   diffusers x2             the same for diffusers
 
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,17 +46,16 @@ print(json.dumps({{"load_seconds": runs[0]["load"],
     "outside_backend_share": runs[-1]["outside_backend"] / runs[-1]["total"]}}))
 """
 
-DIFFUSERS = """
-import json, time, torch
-torch.set_num_threads({threads})
+# Once, unmeasured: the same seeded weights as a diffusers folder, so the diffusers side
+# loads from disk with from_pretrained as its users do (sd-run reads its graphs from disk).
+SAVE_DIFFUSERS = """
+import pathlib, tempfile
 from diffusers import StableDiffusionPipeline
 from transformers import CLIPTokenizer
 from sd_deploy.benchmarks.diffusers_backend import convert_to_diffusers, make_diffusers_scheduler
 from sd_deploy.models import build_random, get_preset
 from sd_deploy.runtime.manifest import read_manifest
 from sd_deploy.runtime.tokenizer import write_clip_tokenizer_files
-import tempfile, pathlib
-start = time.perf_counter()
 manifest = read_manifest({engine!r})
 _, family, seed = manifest.provenance["source"].split(":")
 models = build_random(get_preset(family), seed=int(seed.removeprefix("random-seed-")))
@@ -65,15 +67,26 @@ pipe = StableDiffusionPipeline(vae=vae, text_encoder=models.text_encoder.model,
     unet=unet,
     scheduler=make_diffusers_scheduler("dpmpp_2m_karras", manifest.scheduler),
     safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-del models.unet, models.vae
-load = time.perf_counter() - start
+pipe.save_pretrained({folder!r})
+"""
+
+DIFFUSERS = """
+import json, time
+start = time.perf_counter()
+import torch
+torch.set_num_threads({threads})
+from diffusers import StableDiffusionPipeline
+imported = time.perf_counter()
+pipe = StableDiffusionPipeline.from_pretrained({folder!r}, local_files_only=True)
+load = time.perf_counter() - imported
 runs = []
 for _ in range({generations}):
     g = time.perf_counter()
     pipe({prompt!r}, num_inference_steps={steps}, height={size}, width={size},
          guidance_scale=7.5, generator=torch.Generator().manual_seed(0))
     runs.append(time.perf_counter() - g)
-print(json.dumps({{"load_seconds": load, "generate_seconds": runs}}))
+print(json.dumps({{"import_seconds": imported - start, "load_seconds": load,
+    "generate_seconds": runs}}))
 """
 
 PROMPT = "a photo of a cat"
@@ -105,13 +118,24 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat every side, interleaved")
+    parser.add_argument("--diffusers-dir", default=None, help="[a folder in the temp dir]")
     args = parser.parse_args()
+    folder = args.diffusers_dir or os.path.join(
+        tempfile.gettempdir(), "sd-deploy-measure-" + Path(args.engine_dir).resolve().name
+    )
+    if not os.path.isfile(os.path.join(folder, "model_index.json")):
+        print(f"saving the seeded weights as a diffusers folder in {folder}", file=sys.stderr)
+        run_measured(
+            [sys.executable, "-c", SAVE_DIFFUSERS.format(engine=args.engine_dir, folder=folder)]
+        )
     fmt = dict(
         engine=args.engine_dir,
         size=args.size,
         steps=args.steps,
         threads=args.threads,
         prompt=PROMPT,
+        folder=folder,
     )
     out_dir = tempfile.mkdtemp(prefix="measure-run-")
     sd_run = [
@@ -128,18 +152,25 @@ def main() -> None:
         "Pipeline kept loaded x2": [sys.executable, "-c", PIPELINE.format(**fmt)],
         "diffusers x2": [sys.executable, "-c", DIFFUSERS.format(generations=2, **fmt)],
     }
-    for side, argv in sides.items():
-        result, wall, peak, stderr = run_measured(argv)
-        if side.startswith("sd-run"):
-            match = re.search(r"in ([\d.]+) s .*runtime overhead ([\d.]+) s", stderr)
-            if match:
-                total, overhead = map(float, match.groups())
-                result = {"generate_seconds": [total], "outside_backend_share": overhead / total}
-        print(
-            json.dumps(
-                {"side": side, "wall_seconds": round(wall, 1), "peak_rss_gib": peak, **result}
-            )
-        )
+    walls: dict[str, list[float]] = {side: [] for side in sides}
+    for round_ in range(args.rounds):
+        # Alternate the order: a machine that slows down over time hits every side alike.
+        order = list(sides) if round_ % 2 == 0 else list(sides)[::-1]
+        for side in order:
+            result, wall, peak, stderr = run_measured(sides[side])
+            if side.startswith("sd-run"):
+                match = re.search(r"in ([\d.]+) s .*runtime overhead ([\d.]+) s", stderr)
+                if match:
+                    total, overhead = map(float, match.groups())
+                    result = {
+                        "generate_seconds": [total],
+                        "outside_backend_share": overhead / total,
+                    }
+            walls[side].append(wall)
+            line = {"round": round_, "side": side, "wall_seconds": round(wall, 1)}
+            print(json.dumps({**line, "peak_rss_gib": peak, **result}), flush=True)
+    medians = {side: round(statistics.median(w), 1) for side, w in walls.items()}
+    print(json.dumps({"median_wall_seconds": medians}))
 
 
 if __name__ == "__main__":

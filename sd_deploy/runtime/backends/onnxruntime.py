@@ -52,7 +52,7 @@ class OnnxRuntimeSession(ComponentSession):
         return dict(zip(self.output_names, outputs, strict=True))
 
     def close(self) -> None:
-        """Drop the InferenceSession: ONNX Runtime frees its weights and arena with it."""
+        """Drop the InferenceSession: ONNX Runtime frees its weights and buffers with it."""
         self.session = None
 
 
