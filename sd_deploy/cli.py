@@ -9,7 +9,9 @@ and keeps its traceback.
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,12 +25,15 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def user_errors(func: F) -> F:
-    """Turn UserError into `error: <message>` and exit 1; KeyboardInterrupt into exit 130."""
+    """Turn UserError into `error: <message>` and exit 1; KeyboardInterrupt into exit 130;
+    our own UserWarnings into one `warning: <message>` line."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _one_line_warning
+                return func(*args, **kwargs)
         except UserError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
@@ -37,6 +42,25 @@ def user_errors(func: F) -> F:
             sys.exit(130)
 
     return wrapper  # type: ignore[return-value]
+
+
+_default_showwarning = warnings.showwarning
+
+
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    if category is UserWarning and f"{os.sep}sd_deploy{os.sep}" in filename:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"warning: {message}", file=sys.stderr)  # on its own line, under any bar
+    else:  # other libraries' warnings keep Python's format (file and line help there)
+        _default_showwarning(message, category, filename, lineno, file, line)
 
 
 def range_options(func: F) -> F:

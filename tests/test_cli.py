@@ -137,3 +137,17 @@ def test_export_errors(args, fragment, tmp_path):
     r = invoke(export_command, [*args, "--out", tmp_path / "e"])
     one_line_error(r, fragment)
     assert not (tmp_path / "e").exists()
+
+
+def test_run_warns_in_one_line_about_a_truncated_prompt(tmp_path, tiny_engine_fp32):
+    prompt = " ".join(["red circle"] * 60)  # 120 words: far past 77 tokens
+    r = invoke(
+        run_command,
+        ["--engine", tiny_engine_fp32, "--prompt", prompt, "--steps", "1", "--out", tmp_path],
+    )
+    assert r.exit_code == 0, r.output
+    warning_lines = [line for line in r.stderr.splitlines() if "tokens" in line]
+    assert len(warning_lines) == 1, r.stderr
+    assert warning_lines[0].startswith("warning: prompt 0 (")
+    assert "dropped the last 45" in warning_lines[0]
+    assert "UserWarning" not in r.stderr

@@ -227,7 +227,10 @@ class Pipeline:
         def noise() -> np.ndarray:
             return np.stack([r.standard_normal(latent_shape, dtype=np.float32) for r in rngs])
 
-        ids = self.tokenizer.encode(negatives + prompts if guided else prompts)
+        # Encoded apart so that a truncation warning's "prompt i" is the caller's index.
+        ids = self.tokenizer.encode(prompts)
+        if guided:
+            ids = np.concatenate([self.tokenizer.encode(negatives), ids])
         context = self.run("text_encoder", timings, input_ids=ids)["text_embeddings"]
         self.done_with("text_encoder")
 
