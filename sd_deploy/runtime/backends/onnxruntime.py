@@ -174,8 +174,8 @@ class OnnxRuntimeBackend(Backend):
             staging = cache.begin()
         except OSError as exc:
             warnings.warn(
-                f"not caching ONNX Runtime's optimized {spec.name} graph "
-                f"(every load re-optimizes it): {first_line(exc)}",
+                f"not caching ONNX Runtime's optimized {spec.name} graph (every load "
+                f"re-optimizes it; --no-graph-cache stops trying): {first_line(exc)}",
                 UserWarning,
                 stacklevel=3,
             )
