@@ -1,7 +1,7 @@
 """Peak RSS and time of generations: sd-run on ONNX Runtime vs diffusers, each in its own process.
 
     python tools/measure_run_memory.py ENGINE_DIR [--size 256] [--steps 10] [--threads 1]
-                                       [--rounds 1]
+                                       [--rounds 1 | --interleave N]
 
 The engine dir must come from seeded random weights (provenance "preset:NAME:random-seed-S"):
 the same weights are saved once as a diffusers folder (--diffusers-dir, unmeasured), which
@@ -13,6 +13,9 @@ the same request in each (seed 0, dpmpp_2m_karras, guidance 7.5):
   diffusers x1             StableDiffusionPipeline.from_pretrained, then called once
   Pipeline kept loaded x2  the library as a service uses it: loaded once, called twice
   diffusers x2             the same for diffusers
+
+--interleave N instead loads both pipelines in one process and alternates N whole
+generations of each (after one warm-up each): the firmest speed ratio here.
 
 Peak RSS is each process's own ru_maxrss (from wait4, so children never mix). sd-run
 frees each component when done with it; a service keeps them loaded, so the x2 rows
@@ -89,6 +92,34 @@ print(json.dumps({{"import_seconds": imported - start, "load_seconds": load,
     "generate_seconds": runs}}))
 """
 
+# Both loaded in one process, whole generations alternated: the firmest speed ratio on a
+# machine whose speed drifts (peak RSS means nothing here).
+INTERLEAVED = """
+import json, statistics, time, torch
+torch.set_num_threads({threads})
+from diffusers import StableDiffusionPipeline
+from sd_deploy.runtime.pipeline import GenerationRequest, Pipeline
+ours = Pipeline({engine!r}, backend="onnxruntime-cpu", threads={threads})
+theirs = StableDiffusionPipeline.from_pretrained({folder!r}, local_files_only=True)
+request = GenerationRequest(prompt={prompt!r}, seed=0, steps={steps}, height={size},
+                            width={size}, sampler="dpmpp_2m_karras", guidance=7.5)
+def run_ours():
+    ours.generate(request)
+def run_theirs():
+    theirs({prompt!r}, num_inference_steps={steps}, height={size}, width={size},
+           guidance_scale=7.5, generator=torch.Generator().manual_seed(0))
+run_ours(); run_theirs()  # warm-up: first calls pay one-off costs on both sides
+times = {{"sd-deploy Pipeline": [], "diffusers": []}}
+for i in range({generations}):
+    pair = [("sd-deploy Pipeline", run_ours), ("diffusers", run_theirs)]
+    for name, fn in (pair if i % 2 == 0 else pair[::-1]):
+        start = time.perf_counter(); fn(); times[name].append(time.perf_counter() - start)
+med = {{k: statistics.median(v) for k, v in times.items()}}
+print(json.dumps({{"seconds": times, "median": med,
+    "speedup_median": med["diffusers"] / med["sd-deploy Pipeline"],
+    "speedup_best": min(times["diffusers"]) / min(times["sd-deploy Pipeline"])}}))
+"""
+
 PROMPT = "a photo of a cat"
 
 
@@ -119,6 +150,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=1, help="repeat every side, interleaved")
+    parser.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        metavar="N",
+        help="instead: both pipelines in one process, N generations each, alternated",
+    )
     parser.add_argument("--diffusers-dir", default=None, help="[a folder in the temp dir]")
     args = parser.parse_args()
     folder = args.diffusers_dir or os.path.join(
@@ -137,6 +175,11 @@ def main() -> None:
         prompt=PROMPT,
         folder=folder,
     )
+    if args.interleave:
+        script = INTERLEAVED.format(generations=args.interleave, **fmt)
+        result, wall, _, _ = run_measured([sys.executable, "-c", script])
+        print(json.dumps({"side": "interleaved", "wall_seconds": round(wall, 1), **result}))
+        return
     out_dir = tempfile.mkdtemp(prefix="measure-run-")
     sd_run = [
         str(Path(sys.executable).parent / "sd-run"),
