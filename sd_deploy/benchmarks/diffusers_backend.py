@@ -130,6 +130,25 @@ def ldm_original_config(config: ModelConfig) -> dict[str, Any]:
     }
 
 
+def diffusers_configs(
+    config: ModelConfig, checkpoint: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """diffusers' UNet2DConditionModel / AutoencoderKL configs for `config`, made by diffusers'
+    own single-file code from the ldm config (and the checkpoint's shapes, where given)."""
+    from diffusers.loaders.single_file_utils import (
+        create_unet_diffusers_config_from_ldm,
+        create_vae_diffusers_config_from_ldm,
+    )
+
+    original = ldm_original_config(config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        unet_config = create_unet_diffusers_config_from_ldm(original, checkpoint)
+        vae_config = create_vae_diffusers_config_from_ldm(original, checkpoint)
+    unet_config["upcast_attention"] = config.unet.upcast_attention  # no effect in fp32
+    return unet_config, vae_config
+
+
 def convert_to_diffusers(models: LoadedModels) -> tuple[Any, Any]:
     """(UNet2DConditionModel, AutoencoderKL) holding `models`' weights, via diffusers' converters.
 
@@ -139,18 +158,11 @@ def convert_to_diffusers(models: LoadedModels) -> tuple[Any, Any]:
     from diffusers.loaders.single_file_utils import (
         convert_ldm_unet_checkpoint,
         convert_ldm_vae_checkpoint,
-        create_unet_diffusers_config_from_ldm,
-        create_vae_diffusers_config_from_ldm,
     )
 
     checkpoint = {"model.diffusion_model." + k: v for k, v in models.unet.state_dict().items()}
     checkpoint.update({"first_stage_model." + k: v for k, v in models.vae.state_dict().items()})
-    original = ldm_original_config(models.config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        unet_config = create_unet_diffusers_config_from_ldm(original, checkpoint)
-        vae_config = create_vae_diffusers_config_from_ldm(original, checkpoint)
-    unet_config["upcast_attention"] = models.config.unet.upcast_attention
+    unet_config, vae_config = diffusers_configs(models.config, checkpoint)
     unet: Any
     vae: Any
     with torch.device("meta"):

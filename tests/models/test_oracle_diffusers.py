@@ -2,8 +2,10 @@
 
 1. Single-file direction: our seeded modules' state dicts, prefixed as in an ldm checkpoint,
    go through diffusers' own single-file conversion (`convert_ldm_unet_checkpoint`,
-   `convert_ldm_vae_checkpoint`, configs from `create_*_diffusers_config_from_ldm`) into
-   `UNet2DConditionModel` / `AutoencoderKL` (strict) and must compute the same outputs.
+   `convert_ldm_vae_checkpoint`, configs from `create_*_diffusers_config_from_ldm`, called
+   by `sd_deploy.benchmarks.diffusers_backend.convert_to_diffusers`, which sd-bench uses
+   too) into `UNet2DConditionModel` / `AutoencoderKL` (strict) and must compute the same
+   outputs.
 2. Folder direction: seeded diffusers modules saved with `save_pretrained` into a pipeline
    folder are loaded by `load_checkpoint` and must compute what the diffusers modules do.
 
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import gc
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +25,16 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 from diffusers import AutoencoderKL as DiffusersVAE  # noqa: E402
 from diffusers import DDIMScheduler, UNet2DConditionModel  # noqa: E402
-from diffusers.loaders.single_file_utils import (  # noqa: E402
-    convert_ldm_unet_checkpoint,
-    convert_ldm_vae_checkpoint,
-    create_unet_diffusers_config_from_ldm,
-    create_vae_diffusers_config_from_ldm,
-)
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import CLIPTextModel  # noqa: E402
 
-from sd_deploy.benchmarks.diffusers_backend import ldm_original_config  # noqa: E402
+from sd_deploy.benchmarks.diffusers_backend import (  # noqa: E402
+    convert_to_diffusers,
+    diffusers_configs,
+)
 from sd_deploy.models import ModelConfig, build_random, get_preset  # noqa: E402
 from sd_deploy.models.checkpoints import load_checkpoint  # noqa: E402
+from sd_deploy.runtime.tokenizer import write_clip_tokenizer_files  # noqa: E402
 
 TOLERANCE = 1e-4
 
@@ -43,16 +42,6 @@ TOLERANCE = 1e-4
 def rel_l2(ours: torch.Tensor, reference: torch.Tensor) -> float:
     ours, reference = ours.double(), reference.double()
     return ((ours - reference).norm() / reference.norm()).item()
-
-
-def diffusers_configs(config: ModelConfig, checkpoint: dict[str, Any]) -> tuple[dict, dict]:
-    original = ldm_original_config(config)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        unet = create_unet_diffusers_config_from_ldm(original, checkpoint)
-        vae = create_vae_diffusers_config_from_ldm(original, checkpoint)
-    unet["upcast_attention"] = config.unet.upcast_attention  # no effect in fp32
-    return unet, vae
 
 
 def inputs(config: ModelConfig, latent: int, batch: int) -> dict[str, torch.Tensor]:
@@ -85,24 +74,11 @@ def compare(ours_unet, ours_vae, their_unet, their_vae, x: dict[str, torch.Tenso
 def check_single_file_oracle(name: str, latent: int, batch: int) -> dict[str, float]:
     config = get_preset(name)
     models = build_random(config, seed=7)
-    checkpoint = {"model.diffusion_model." + k: v for k, v in models.unet.state_dict().items()}
-    checkpoint.update({"first_stage_model." + k: v for k, v in models.vae.state_dict().items()})
-    unet_config, vae_config = diffusers_configs(config, checkpoint)
     # Meta construction + assign: the diffusers modules share our tensors (no second copy).
-    with torch.device("meta"):
-        their_unet = UNet2DConditionModel(**unet_config)
-        their_vae = DiffusersVAE(**vae_config)
-    their_unet.load_state_dict(
-        convert_ldm_unet_checkpoint(checkpoint, unet_config), strict=True, assign=True
-    )
-    their_vae.load_state_dict(
-        convert_ldm_vae_checkpoint(checkpoint, vae_config), strict=True, assign=True
-    )
-    errors = compare(
-        models.unet, models.vae, their_unet.eval(), their_vae.eval(), inputs(config, latent, batch)
-    )
+    their_unet, their_vae = convert_to_diffusers(models)
+    errors = compare(models.unet, models.vae, their_unet, their_vae, inputs(config, latent, batch))
     print(f"single-file oracle {name}: " + ", ".join(f"{k}={v:.2e}" for k, v in errors.items()))
-    del models, checkpoint, their_unet, their_vae
+    del models, their_unet, their_vae
     gc.collect()
     return errors
 
@@ -151,14 +127,7 @@ def write_pipeline_folder(config: ModelConfig, folder: Path, seed: int = 3) -> d
         prediction_type=config.prediction_type, steps_offset=1, clip_sample=False,
         set_alpha_to_one=False,
     ).save_pretrained(folder / "scheduler")  # fmt: skip
-    try:
-        from sd_deploy.runtime.tokenizer import write_clip_tokenizer_files
-
-        write_clip_tokenizer_files(folder / "tokenizer")
-    except ImportError:  # pragma: no cover - the runtime tokenizer is part of the package
-        (folder / "tokenizer").mkdir()
-        (folder / "tokenizer" / "vocab.json").write_text('{"!": 0}')
-        (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n")
+    write_clip_tokenizer_files(folder / "tokenizer")
     pad = "!" if config.pad_token_id == 0 else "<|endoftext|>"
     (folder / "tokenizer" / "special_tokens_map.json").write_text(json.dumps({"pad_token": pad}))
     index = {
