@@ -16,6 +16,7 @@ on disk (3.4 GB for the fp32 SD 1.5 UNet); `sd-run --no-graph-cache` does withou
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -36,8 +37,10 @@ SAVE_EXTERNAL_DATA = {
 SPACE_MARGIN = 1.1
 
 
+@functools.cache
 def cpu_signature() -> str:
-    """CPU model and instruction-set flags: what the optimized layout depends on."""
+    """CPU model and instruction-set flags: what the optimized layout depends on (read once
+    per process, not once per component)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
