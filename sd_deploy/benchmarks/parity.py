@@ -63,8 +63,10 @@ class _RecordingSession(ComponentSession):
         self.inner = inner
         self.owner = owner
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self.inner.run(feeds)
+    def run(
+        self, feeds: Mapping[str, np.ndarray], release_scratch: bool = False
+    ) -> dict[str, np.ndarray]:
+        outputs = self.inner.run(feeds, release_scratch)
         if not self.owner.recording:
             return outputs
         name, captured = self.spec.name, self.owner.captured

@@ -88,9 +88,11 @@ class TimedSession(ComponentSession):
         self.inner = inner
         self.log = log
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(
+        self, feeds: Mapping[str, np.ndarray], release_scratch: bool = False
+    ) -> dict[str, np.ndarray]:
         with Stopwatch() as sw:
-            outputs = self.inner.run(feeds)
+            outputs = self.inner.run(feeds, release_scratch)
         self.log.add(self.spec.name, sw.seconds)
         return outputs
 

@@ -34,7 +34,9 @@ class TorchSession(ComponentSession):
         self.device = device
         self.dtype = dtype
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(
+        self, feeds: Mapping[str, np.ndarray], release_scratch: bool = False
+    ) -> dict[str, np.ndarray]:
         args = []
         for spec in self.spec.inputs:
             tensor = torch.from_numpy(np.asarray(feeds[spec.name])).to(self.device)

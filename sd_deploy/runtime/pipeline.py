@@ -129,9 +129,12 @@ class Pipeline:
             self.session(name)
 
     def run(
-        self, name: str, timings: dict[str, float], **inputs: np.ndarray
+        self, name: str, timings: dict[str, float], last: bool = False, **inputs: np.ndarray
     ) -> dict[str, np.ndarray]:
-        """Run a component with inputs cast to its declared dtypes; refuse NaN/Inf outputs."""
+        """Run a component with inputs cast to its declared dtypes; refuse NaN/Inf outputs.
+
+        `last`: the generation needs the component no more after this call, so its
+        scratch memory goes back and, unless components stay loaded, the component too."""
         start = time.perf_counter()
         session = self.session(name)
         timings["load"] = timings.get("load", 0.0) + time.perf_counter() - start
@@ -139,8 +142,10 @@ class Pipeline:
             s.name: np.ascontiguousarray(inputs[s.name], dtype=s.dtype) for s in session.spec.inputs
         }
         start = time.perf_counter()
-        outputs = session.run(feeds)
+        outputs = session.run(feeds, release_scratch=last)
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+        if last:
+            self.done_with(name)
         for key, value in outputs.items():
             if not np.isfinite(value).all():
                 raise NonFiniteOutputError(
@@ -231,8 +236,7 @@ class Pipeline:
         ids = self.tokenizer.encode(prompts)
         if guided:
             ids = np.concatenate([self.tokenizer.encode(negatives), ids])
-        context = self.run("text_encoder", timings, input_ids=ids)["text_embeddings"]
-        self.done_with("text_encoder")
+        context = self.run("text_encoder", timings, last=True, input_ids=ids)["text_embeddings"]
 
         scheduler = make_scheduler(p["sampler"], self.manifest.scheduler)
         if request.init_image is None:
@@ -248,8 +252,8 @@ class Pipeline:
             latents = latents * np.float32(scheduler.init_noise_sigma)
         else:
             image = prepare_init_image(request.init_image, p["width"], p["height"])
-            enc = self.run("vae_encoder", timings, images=np.repeat(image, batch, axis=0))
-            self.done_with("vae_encoder")
+            batched = np.repeat(image, batch, axis=0)
+            enc = self.run("vae_encoder", timings, last=True, images=batched)
             init = (
                 enc["latent_mean"].astype(np.float32)
                 + enc["latent_std"].astype(np.float32) * noise()
@@ -266,6 +270,7 @@ class Pipeline:
             out = self.run(
                 "unet",
                 timings,
+                last=i == len(timesteps) - 1,
                 sample=model_in,
                 timestep=np.full(model_in.shape[0], t, np.float32),
                 encoder_hidden_states=context,
@@ -277,9 +282,7 @@ class Pipeline:
             if progress is not None:
                 progress(i, len(timesteps), float(t))
 
-        self.done_with("unet")
-        images = self.run("vae_decoder", timings, latent=latents)["images"]
-        self.done_with("vae_decoder")
+        images = self.run("vae_decoder", timings, last=True, latent=latents)["images"]
         timings["total"] = time.perf_counter() - start
         # Tokenizer, scheduler math, noise, casts: the runtime's own cost per call.
         timings["outside_backend"] = timings["total"] - sum(

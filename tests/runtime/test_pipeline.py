@@ -137,8 +137,8 @@ class NaNBackend(Backend):
         poisoned = self.poisoned
 
         class Poisoned(ComponentSession):
-            def run(self, feeds):
-                out = session.run(feeds)
+            def run(self, feeds, release_scratch=False):
+                out = session.run(feeds, release_scratch)
                 if spec.name == poisoned:
                     key = next(iter(out))
                     out[key] = out[key].copy()
@@ -156,7 +156,7 @@ def test_non_finite_output_names_the_component(component, tiny_engine_fp32, tiny
 
 
 class CountingBackend(Backend):
-    """Wraps a backend and records how many sessions are open at once."""
+    """Wraps a backend; records how many sessions are open at once and every call."""
 
     name = "counting"
 
@@ -165,6 +165,7 @@ class CountingBackend(Backend):
         self.open_now: set[str] = set()
         self.most_open = 0
         self.opened: list[str] = []
+        self.calls: list[tuple[str, bool]] = []  # (component, release_scratch)
 
     def open(self, engine_dir, spec):
         session = self.inner.open(engine_dir, spec)
@@ -174,8 +175,9 @@ class CountingBackend(Backend):
         self.opened.append(spec.name)
 
         class Counted(ComponentSession):
-            def run(self, feeds):
-                return session.run(feeds)
+            def run(self, feeds, release_scratch=False):
+                counter.calls.append((spec.name, release_scratch))
+                return session.run(feeds, release_scratch)
 
             def close(self):
                 session.close()
@@ -198,3 +200,21 @@ def test_one_shot_pipeline_holds_one_component_at_a_time(init_image, tiny_engine
     again = one_shot.generate(request)
     np.testing.assert_array_equal(first.images, again.images)
     np.testing.assert_array_equal(first.images, ort_fp32.generate(request).images)
+
+
+@pytest.mark.parametrize("keep_loaded", [False, True])
+def test_each_components_last_call_releases_its_scratch(keep_loaded, tiny_engine_fp32, ort_fp32):
+    counting = CountingBackend(ort_fp32.backend)
+    pipe = Pipeline(tiny_engine_fp32, backend=counting, keep_loaded=keep_loaded)
+    request = noisy_request(steps=3, init_image=np.zeros((64, 64, 3), np.uint8), strength=1.0)
+    pipe.generate(request)
+    # Only the last UNet step hands the arena back: the steps before reuse it.
+    assert counting.calls == [
+        ("text_encoder", True),
+        ("vae_encoder", True),
+        ("unet", False),
+        ("unet", False),
+        ("unet", True),
+        ("vae_decoder", True),
+    ]
+    assert (counting.open_now == set(pipe.manifest.components)) == keep_loaded

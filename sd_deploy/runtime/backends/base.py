@@ -22,8 +22,13 @@ class ComponentSession(ABC):
         self.spec = spec
 
     @abstractmethod
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run the component on numpy inputs already cast to the manifest's dtypes."""
+    def run(
+        self, feeds: Mapping[str, np.ndarray], release_scratch: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Run the component on numpy inputs already cast to the manifest's dtypes.
+
+        `release_scratch`: this is the caller's last call for a while (a generation is
+        done with the component), so working memory kept for the next call may go back."""
 
     def close(self) -> None:  # noqa: B027 - optional hook, most sessions free nothing
         """Release device memory; the default has nothing to free."""

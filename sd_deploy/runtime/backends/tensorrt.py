@@ -433,7 +433,10 @@ class TensorRTSession(ComponentSession):
         self._output_shapes: dict[str, tuple[int, ...]] = {}
         self._closed = False
 
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(
+        self, feeds: Mapping[str, np.ndarray], release_scratch: bool = False
+    ) -> dict[str, np.ndarray]:
+        """`release_scratch` is ignored: the device buffers are sized once per shape."""
         if self._closed:
             raise RuntimeError(f"the {self.spec.name} session is closed")
         arrays = check_feeds(self.spec.name, feeds, self.inputs, self.engine_dir)
