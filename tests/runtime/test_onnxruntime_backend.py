@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import onnxruntime
 import pytest
 
 from sd_deploy.errors import UserError
 from sd_deploy.runtime.backends import select_backend
-from sd_deploy.runtime.backends.onnxruntime import ARENA_SHRINKAGE
+from sd_deploy.runtime.backends.onnxruntime import ARENA_SHRINKAGE, OnnxRuntimeBackend
 from sd_deploy.runtime.manifest import read_manifest
 
 
@@ -51,3 +52,10 @@ def test_release_scratch_shrinks_the_cpu_arena_after_the_run(tiny_engine_fp32, m
     np.testing.assert_array_equal(kept, released)
     assert seen[0] is None
     assert seen[1].get_run_config_entry(ARENA_SHRINKAGE) == "cpu:0"
+
+
+def test_gpu_providers_shrink_no_cpu_arena(monkeypatch):
+    gpu = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: gpu)
+    assert OnnxRuntimeBackend("cuda").release_options is None
+    assert OnnxRuntimeBackend("cpu").release_options is not None

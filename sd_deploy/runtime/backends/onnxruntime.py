@@ -46,7 +46,8 @@ def available_providers() -> list[str]:
 
 class OnnxRuntimeSession(ComponentSession):
     def __init__(self, spec: ComponentSpec, session: Any, release_options: Any) -> None:
-        """`release_options`: RunOptions that shrink the CPU arena once the run ends."""
+        """`release_options`: RunOptions that shrink the CPU arena once the run ends
+        (None: nothing to shrink)."""
         super().__init__(spec)
         self.session = session
         self.release_options = release_options
@@ -99,8 +100,12 @@ class OnnxRuntimeBackend(Backend):
         self.trt_cache_dir = trt_cache_dir
         self.graph_cache = graph_cache and self.providers[0] == "CPUExecutionProvider"
         self._ort = ort
-        self.release_options = ort.RunOptions()
-        self.release_options.add_run_config_entry(ARENA_SHRINKAGE, "cpu:0")
+        # Only the CPU provider keeps activations in the CPU arena; on a GPU it holds
+        # little, and shrinking is an error where no CPU arena is registered.
+        self.release_options: Any = None
+        if self.providers[0] == "CPUExecutionProvider":
+            self.release_options = ort.RunOptions()
+            self.release_options.add_run_config_entry(ARENA_SHRINKAGE, "cpu:0")
 
     def describe(self) -> str:
         return f"onnxruntime {self._ort.__version__} ({', '.join(self.providers)})"
