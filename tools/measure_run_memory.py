@@ -1,7 +1,7 @@
 """Peak RSS and time of generations: sd-run on ONNX Runtime vs diffusers, each in its own process.
 
     python tools/measure_run_memory.py ENGINE_DIR [--size 256] [--steps 10] [--threads 1]
-                                       [--rounds 1 | --interleave N]
+                                       [--rounds 1 | --interleave N] [--sides A,B]
 
 The engine dir must come from seeded random weights (provenance "preset:NAME:random-seed-S"):
 the same weights are saved once as a diffusers folder (--diffusers-dir, unmeasured), which
@@ -160,6 +160,11 @@ def main() -> None:
         metavar="N",
         help="instead: both pipelines in one process, N generations each, alternated",
     )
+    parser.add_argument(
+        "--sides",
+        default=None,
+        help="comma-separated subset of the sides to run, e.g. 'sd-run,diffusers x1' [all]",
+    )
     parser.add_argument("--diffusers-dir", default=None, help="[a folder in the temp dir]")
     args = parser.parse_args()
     folder = args.diffusers_dir or os.path.join(
@@ -198,6 +203,12 @@ def main() -> None:
         "Pipeline kept loaded x2": [sys.executable, "-c", PIPELINE.format(**fmt)],
         "diffusers x2": [sys.executable, "-c", DIFFUSERS.format(generations=2, **fmt)],
     }
+    if args.sides:
+        wanted = [side.strip() for side in args.sides.split(",")]
+        unknown = [side for side in wanted if side not in sides]
+        if unknown:
+            parser.error(f"unknown side(s) {unknown}; choose from {list(sides)}")
+        sides = {side: sides[side] for side in wanted}
     walls: dict[str, list[float]] = {side: [] for side in sides}
     for round_ in range(args.rounds):
         # Alternate the order: a machine that slows down over time hits every side alike.
