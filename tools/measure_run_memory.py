@@ -15,7 +15,8 @@ the same request in each (seed 0, dpmpp_2m_karras, guidance 7.5):
   diffusers x2             the same for diffusers
 
 --interleave N instead loads both pipelines in one process and alternates N whole
-generations of each (after one warm-up each): the firmest speed ratio here.
+generations of each (after one warm-up each): steady against a drifting machine, though
+diffusers ran its fastest only when alone in a process.
 
 Peak RSS is each process's own ru_maxrss (from wait4, so children never mix). sd-run
 frees each component when done with it; a service keeps them loaded, so the x2 rows
@@ -92,8 +93,8 @@ print(json.dumps({{"import_seconds": imported - start, "load_seconds": load,
     "generate_seconds": runs}}))
 """
 
-# Both loaded in one process, whole generations alternated: the firmest speed ratio on a
-# machine whose speed drifts (peak RSS means nothing here).
+# Both loaded in one process, whole generations alternated: steady against a machine whose
+# speed drifts (peak RSS means nothing here).
 INTERLEAVED = """
 import json, statistics, time, torch
 torch.set_num_threads({threads})
