@@ -51,5 +51,21 @@ class TextEncoder(nn.Module):
         # transformers >= 5.6 flattened CLIPTextModel (no `.text_model`); older ones nest it.
         return getattr(self.model, "text_model", self.model).final_layer_norm.weight.dtype
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids.long()).last_hidden_state
+    @property
+    def final_layer_norm(self) -> nn.LayerNorm:
+        return getattr(self.model, "text_model", self.model).final_layer_norm
+
+    def forward(
+        self, input_ids: torch.Tensor, clip_skip: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`clip_skip` (A1111's "Clip skip", int tensor of one element, 1 = the last layer):
+        the hidden states `clip_skip - 1` layers before the last, through the final layer
+        norm. Without it, the last layer's output (the same as clip_skip 1)."""
+        if clip_skip is None:
+            return self.model(input_ids=input_ids.long()).last_hidden_state
+        out = self.model(input_ids=input_ids.long(), output_hidden_states=True)
+        stacked = torch.stack(out.hidden_states)  # [layers + 1, B, T, D], embeddings first
+        layers = stacked.shape[0] - 1
+        skip = clip_skip.reshape(1).long().clamp(1, layers)
+        chosen = torch.index_select(stacked, 0, layers - (skip - 1)).squeeze(0)
+        return self.final_layer_norm(chosen)
