@@ -38,6 +38,9 @@ class ModelConfig:
     default_size: int = 512
     # SD 1.x pads prompts with EOS; SD 2.x (OpenCLIP) pads with 0.
     pad_token_id: int = 49407
+    # SD 2.x conditions on a fixed layer (the penultimate, built in: the text encoder's last
+    # layer is dropped), so A1111's "Clip skip" does not apply; SD 1.x chooses at run time.
+    fixed_text_layer: bool = False
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(SD_SCHEDULER))
     default_sampler: str = "dpmpp_2m_karras"
     default_steps: int = 30
@@ -86,10 +89,11 @@ PRESETS: dict[str, ModelConfig] = {
     "sd21": ModelConfig(
         "sd21", _SD2_UNET, VAEConfig(), _SD2_TEXT,
         prediction_type="v_prediction", default_size=768, pad_token_id=0,
+        fixed_text_layer=True,
     ),
     "sd21-base": ModelConfig(
         "sd21-base", replace(_SD2_UNET, upcast_attention=False), VAEConfig(), _SD2_TEXT,
-        pad_token_id=0,
+        pad_token_id=0, fixed_text_layer=True,
     ),
     # A few M parameters through every code path of the real ones (conv and linear
     # projections, head count and head channels, skip convs, 8x VAE) for fast tests.
@@ -121,6 +125,7 @@ PRESETS: dict[str, ModelConfig] = {
         prediction_type="v_prediction",
         default_size=64,
         pad_token_id=0,
+        fixed_text_layer=True,
         default_steps=10,
     ),
     # The small model trained on coloured shapes that ships with the package (the default

@@ -31,3 +31,10 @@ def test_clip_skip_is_hidden_state_minus_n_through_final_norm(skip):
         assert _rel_l2(got, ref.last_hidden_state) <= 1e-6
     else:
         assert _rel_l2(got, ref.last_hidden_state) > 1e-2  # a different layer, not a no-op
+
+
+def test_sd2_families_have_a_fixed_text_layer():
+    from sd_deploy.models import PRESETS
+
+    fixed = {name for name, p in PRESETS.items() if p.fixed_text_layer}
+    assert fixed == {"sd21", "sd21-base", "tiny-v"}
