@@ -34,6 +34,7 @@ chunks, which is A1111's "Pad prompt/negative prompt to be same length" option.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,11 +43,14 @@ import numpy as np
 
 from sd_deploy.errors import RequestError
 
+log = logging.getLogger("sd_deploy")
+
 __all__ = [
     "BREAK",
     "CHUNK_LENGTH",
     "COMMA_BACKTRACK",
     "PromptChunks",
+    "PromptEncoder",
     "apply_weights",
     "chunk_prompt",
     "empty_chunk",
@@ -297,3 +301,88 @@ def encode_chunks(
             hidden = apply_weights(hidden, np.stack([p.weights[k] for p in prompts]))
         outs.append(hidden)
     return outs[0] if len(outs) == 1 else np.concatenate(outs, axis=1)
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class PromptEncoder:
+    """Prompts -> the UNet's context [rows, 77 * chunks, dim], A1111's way, for one engine dir.
+
+    `tokenize` gives a text's token ids without BOS/EOS (`CLIPTokenizer.text_ids`);
+    `max_chunks` is the most chunks the UNet graph takes (its context length range / 77:
+    1 for engine dirs exported before long prompts). A prompt needing more chunks keeps its
+    first `max_chunks` and a warning says what was dropped. `emphasis=False` (A1111's
+    emphasis off, `--no-emphasis`) reads a prompt as plain text: brackets and BREAK are words.
+    Stateless after construction: safe to share between threads.
+    """
+
+    def __init__(
+        self,
+        tokenize: Callable[[str], Sequence[int]],
+        *,
+        bos_id: int,
+        eos_id: int,
+        pad_id: int,
+        comma_id: int | None,
+        max_chunks: int = 1,
+        emphasis: bool = True,
+    ) -> None:
+        if max_chunks < 1:
+            raise ValueError(f"max_chunks must be >= 1, got {max_chunks}")
+        self.tokenize = tokenize
+        self.bos_id, self.eos_id, self.pad_id, self.comma_id = bos_id, eos_id, pad_id, comma_id
+        self.max_chunks = int(max_chunks)
+        self.emphasis = bool(emphasis)
+        self.empty = empty_chunk(bos_id, eos_id, pad_id)
+
+    def parse(self, prompt: str) -> list[tuple[str, float]]:
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+        return parse_emphasis(prompt) if self.emphasis else [(prompt, 1.0)]
+
+    def chunks(self, prompt: str, what: str = "prompt") -> PromptChunks:
+        """`prompt` as chunks, cut to `max_chunks` (with a warning naming `what`)."""
+        full = chunk_prompt(
+            self.parse(prompt),
+            self.tokenize,
+            bos_id=self.bos_id,
+            eos_id=self.eos_id,
+            pad_id=self.pad_id,
+            comma_id=self.comma_id,
+        )
+        if full.num_chunks <= self.max_chunks:
+            return full
+        log.warning(
+            "%s (%r) needs %d chunks of %d tokens; the UNet takes at most %d (%d tokens): "
+            "dropped the rest (re-export with a wider --context-length)",
+            what,
+            _shorten(prompt),
+            full.num_chunks,
+            CHUNK_LENGTH,
+            self.max_chunks,
+            self.max_chunks * (CHUNK_LENGTH + 2),
+        )
+        return full.truncated(self.max_chunks)
+
+    def num_chunks(self, prompts: Sequence[str]) -> int:
+        """Chunks the context of these prompts (positives and negatives together) needs."""
+        return max(self.chunks(p).num_chunks for p in prompts) if prompts else 1
+
+    def context(
+        self,
+        prompts: Sequence[str],
+        encode: Callable[[np.ndarray], np.ndarray],
+        negative_prompts: Sequence[str] | None = None,
+    ) -> np.ndarray:
+        """Rows [negatives..., prompts...] (negatives first, when given), all padded with
+        empty-prompt chunks to the same count; see `encode_chunks` for `encode`."""
+        rows = [self.chunks(p, f"prompt {i}") for i, p in enumerate(prompts)]
+        if negative_prompts is not None:
+            negs = [self.chunks(p, f"negative prompt {i}") for i, p in enumerate(negative_prompts)]
+            rows = negs + rows
+        count = max(r.num_chunks for r in rows)
+        rows = [pad_chunks(r, count, self.empty) for r in rows]
+        return encode_chunks(rows, encode, emphasis=self.emphasis)

@@ -424,3 +424,42 @@ def test_truncated_keeps_leading_chunks():
     t = c.truncated(3)
     assert t.num_chunks == 3 and t.token_count == 225
     assert c.truncated(5) is c
+
+
+# -- PromptEncoder ---------------------------------------------------------------------------
+
+
+def _encoder(**kw):
+    from sd_deploy.runtime.prompts import PromptEncoder
+
+    return PromptEncoder(_fake_tokenize, bos_id=BOS, eos_id=EOS, pad_id=EOS, comma_id=COMMA, **kw)
+
+
+def _fake_text_encoder(ids: np.ndarray) -> np.ndarray:
+    return np.stack([ids.astype(np.float32) / 1000.0 + k for k in range(4)], axis=2)
+
+
+def test_prompt_encoder_long_prompt_context():
+    enc = _encoder(max_chunks=3)
+    context = enc.context([_words(150)], _fake_text_encoder, negative_prompts=["w1"])
+    assert context.shape == (2, 154, 4)
+    # the negative's second chunk is the empty prompt's
+    np.testing.assert_array_equal(context[0, 77:, 0] * 1000.0, [BOS] + [EOS] * 76)
+    assert enc.num_chunks([_words(150), "w1"]) == 2
+
+
+def test_prompt_encoder_truncates_to_max_chunks(caplog):
+    enc = _encoder(max_chunks=1)
+    with caplog.at_level("WARNING", logger="sd_deploy"):
+        context = enc.context([_words(150)], _fake_text_encoder)
+    assert context.shape == (1, 77, 4)
+    assert "needs 2 chunks" in caplog.text and "prompt 0" in caplog.text
+
+
+def test_prompt_encoder_emphasis_switch():
+    weighted = _encoder().context(["w1 (w2:1.5) w3"], _fake_text_encoder)
+    plain = _encoder(emphasis=False).context(["w1 (w2:1.5) w3"], _fake_text_encoder)
+    reference = _encoder().context(["w1 w2 w3"], _fake_text_encoder)
+    np.testing.assert_array_equal(plain, reference)  # brackets are no tokens to the fake
+    assert not np.array_equal(weighted, reference)
+    np.testing.assert_allclose(weighted.mean(), reference.mean(), rtol=1e-5)
