@@ -371,18 +371,23 @@ class PromptEncoder:
         """Chunks the context of these prompts (positives and negatives together) needs."""
         return max(self.chunks(p).num_chunks for p in prompts) if prompts else 1
 
+    def rows(
+        self, prompts: Sequence[str], negative_prompts: Sequence[str] | None = None
+    ) -> list[PromptChunks]:
+        """Rows [negatives..., prompts...] (negatives first, when given), all padded with
+        empty-prompt chunks to the same chunk count."""
+        rows = [self.chunks(p, f"prompt {i}") for i, p in enumerate(prompts)]
+        if negative_prompts is not None:
+            negs = [self.chunks(p, f"negative prompt {i}") for i, p in enumerate(negative_prompts)]
+            rows = negs + rows
+        count = max(r.num_chunks for r in rows)
+        return [pad_chunks(r, count, self.empty) for r in rows]
+
     def context(
         self,
         prompts: Sequence[str],
         encode: Callable[[np.ndarray], np.ndarray],
         negative_prompts: Sequence[str] | None = None,
     ) -> np.ndarray:
-        """Rows [negatives..., prompts...] (negatives first, when given), all padded with
-        empty-prompt chunks to the same count; see `encode_chunks` for `encode`."""
-        rows = [self.chunks(p, f"prompt {i}") for i, p in enumerate(prompts)]
-        if negative_prompts is not None:
-            negs = [self.chunks(p, f"negative prompt {i}") for i, p in enumerate(negative_prompts)]
-            rows = negs + rows
-        count = max(r.num_chunks for r in rows)
-        rows = [pad_chunks(r, count, self.empty) for r in rows]
-        return encode_chunks(rows, encode, emphasis=self.emphasis)
+        """`encode_chunks` of `rows(prompts, negative_prompts)`."""
+        return encode_chunks(self.rows(prompts, negative_prompts), encode, emphasis=self.emphasis)
