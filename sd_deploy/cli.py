@@ -150,9 +150,9 @@ def export_command(
     """Export a Stable Diffusion model to ONNX graphs in an engine dir."""
     import time
 
+    from sd_deploy.engine_dir import shapes
     from sd_deploy.exporter import export_engine_dir, resolve_components
     from sd_deploy.models import load_models
-    from sd_deploy.runtime import shapes
 
     resolve_components(components)  # unknown names fail before the model loads
     start = time.perf_counter()

@@ -52,9 +52,9 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def generate(prompts: list[str], seed: int) -> np.ndarray:
+    from sd_deploy.engine_dir import shapes
     from sd_deploy.exporter import export_engine_dir
     from sd_deploy.models import load_models
-    from sd_deploy.runtime import shapes
     from sd_deploy.runtime.pipeline import GenerationRequest, Pipeline
 
     models = load_models()

@@ -58,7 +58,7 @@ from diffusers import StableDiffusionPipeline
 from transformers import CLIPTokenizer
 from sd_deploy.benchmarks.diffusers_backend import convert_to_diffusers, make_diffusers_scheduler
 from sd_deploy.models import build_random, get_preset
-from sd_deploy.runtime.manifest import read_manifest
+from sd_deploy.engine_dir.manifest import read_manifest
 from sd_deploy.runtime.tokenizer import write_clip_tokenizer_files
 manifest = read_manifest({engine!r})
 _, family, seed = manifest.provenance["source"].split(":")

@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from sd_deploy.engine_dir import shapes
+from sd_deploy.engine_dir.manifest import Manifest, read_manifest
 from sd_deploy.errors import UserError
-from sd_deploy.runtime import shapes
 from sd_deploy.runtime.backends import BACKEND_NAMES
-from sd_deploy.runtime.manifest import Manifest, read_manifest
 from sd_deploy.runtime.schedulers import make_scheduler
 
 # Backends sd-bench knows besides the runtime's own: the PyTorch reference modules behind the

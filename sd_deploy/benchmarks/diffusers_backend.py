@@ -36,9 +36,9 @@ import torch
 
 from sd_deploy.benchmarks.timing import CallLog, cuda_synchronize
 from sd_deploy.benchmarks.torch_backend import TorchSession
+from sd_deploy.engine_dir.manifest import ComponentSpec
 from sd_deploy.models import LoadedModels, ModelConfig
 from sd_deploy.runtime.backends.base import Backend, ComponentSession
-from sd_deploy.runtime.manifest import ComponentSpec
 
 # our sampler name -> (diffusers scheduler module, class, options that make it that sampler).
 # Imported from the modules: without scipy, diffusers' top level exports a placeholder

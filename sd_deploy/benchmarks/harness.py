@@ -43,8 +43,8 @@ from sd_deploy.benchmarks.parity import (
 )
 from sd_deploy.benchmarks.reference import reference_source
 from sd_deploy.benchmarks.timing import CallLog, MemoryWatch, Stopwatch, summarize
+from sd_deploy.engine_dir.manifest import Manifest
 from sd_deploy.errors import UserError
-from sd_deploy.runtime.manifest import Manifest
 from sd_deploy.runtime.pipeline import GenerationRequest, Pipeline
 
 REPORT_SCHEMA = 1

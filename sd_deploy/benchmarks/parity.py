@@ -17,9 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from sd_deploy.engine_dir.manifest import ComponentSpec
+from sd_deploy.metrics import cosine_similarity, max_abs_error, psnr, relative_l2, ssim
 from sd_deploy.runtime.backends.base import Backend, ComponentSession
-from sd_deploy.runtime.manifest import ComponentSpec
-from sd_deploy.runtime.metrics import cosine_similarity, max_abs_error, psnr, relative_l2, ssim
 
 
 @dataclass

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sd_deploy.engine_dir.manifest import Manifest
 from sd_deploy.errors import UserError
 from sd_deploy.models import DEFAULT_MODEL, PRESETS, LoadedModels, build_random, get_preset
-from sd_deploy.runtime.manifest import Manifest
 
 _PRESET_SOURCE = re.compile(r"^preset:(?P<name>[^:]+):random-seed-(?P<seed>-?\d+)$")
 

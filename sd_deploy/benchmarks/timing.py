@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from sd_deploy.engine_dir.manifest import ComponentSpec
 from sd_deploy.runtime.backends.base import Backend, ComponentSession
-from sd_deploy.runtime.manifest import ComponentSpec
 
 
 def summarize(values: Iterable[float]) -> dict[str, float | int]:

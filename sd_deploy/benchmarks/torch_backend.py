@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sd_deploy.engine_dir.manifest import ComponentSpec
 from sd_deploy.exporter.components import component_graphs
 from sd_deploy.models import LoadedModels
 from sd_deploy.runtime.backends.base import Backend, ComponentSession
-from sd_deploy.runtime.manifest import ComponentSpec
 
 
 class TorchSession(ComponentSession):

@@ -4,7 +4,7 @@ Each component's plan is built through Polygraphy from the graph exactly as it i
 typed: `NetworkFromOnnxPath(path, strongly_typed=True)`, so an FP16 graph written by
 `sd-export --fp16` gives an FP16 engine. No precision builder flag is set
 (`BuilderFlag.FP16` / `CreateConfig(fp16=True)` were deprecated in TensorRT 10.12 and
-removed in 11). Up-to-date plans are skipped (see `sd_deploy.engines.metadata`);
+removed in 11). Up-to-date plans are skipped (see `sd_deploy.engine_dir.plans`);
 plans and their metadata are written atomically.
 
 tensorrt and polygraphy are imported inside `build_engines` only.
@@ -24,19 +24,20 @@ from pathlib import Path
 from typing import Any
 
 import sd_deploy
-from sd_deploy.engines.metadata import (
+from sd_deploy.engine_dir.layout import COMPONENTS
+from sd_deploy.engine_dir.manifest import Manifest, read_manifest
+from sd_deploy.engine_dir.plans import (
     Fresh,
     PlanMetadata,
-    metadata_path,
+    plan_metadata_path,
     plan_path,
     plan_status,
     relative,
     source_onnx_sha256,
     write_metadata,
 )
-from sd_deploy.engines.profiles import ProfileShapes, build_ranges, check_within, wanted_profile
+from sd_deploy.engine_dir.shapes import ProfileShapes, build_ranges, check_within, wanted_profile
 from sd_deploy.errors import BuildError, EngineDirError, first_line
-from sd_deploy.runtime.manifest import COMPONENTS, Manifest, read_manifest
 
 INSTALL_HINT = "pip install 'sd-deploy[trt]' on a machine with an NVIDIA GPU"
 DEFAULT_TIMING_CACHE = "tensorrt_timing.cache"
@@ -278,9 +279,10 @@ def build_engines(
             sd_deploy_version=sd_deploy.__version__,
         )
         try:
-            write_metadata(metadata_path(plan), metadata)
+            write_metadata(plan_metadata_path(plan), metadata)
         except OSError as exc:
-            raise BuildError(f"cannot write {metadata_path(plan)}: {exc.strerror or exc}") from None
+            where = plan_metadata_path(plan)
+            raise BuildError(f"cannot write {where}: {exc.strerror or exc}") from None
         bar.set_postfix_str(f"{name} {seconds:.1f}s")
         results.append(BuildResult(name, "built", reason, seconds, plan, notes))
     bar.close()
@@ -316,7 +318,7 @@ def _build_one(
         if not tmp.is_file() or tmp.stat().st_size == 0:
             raise BuildError(f"building {name} produced no plan file")
         with contextlib.suppress(FileNotFoundError):
-            metadata_path(plan).unlink()
+            plan_metadata_path(plan).unlink()
         os.replace(tmp, plan)
     except lib["PolygraphyException"] as exc:
         raise BuildError(

@@ -13,26 +13,11 @@ import torch
 from tqdm.auto import tqdm
 
 import sd_deploy
-from sd_deploy.errors import ExportError
-from sd_deploy.exporter.components import (
-    IO_CONVENTIONS,
-    ComponentGraph,
-    component_graphs,
-    sample_inputs,
-)
-from sd_deploy.exporter.engine_dir import (
-    existing_manifest,
-    link_or_copy,
-    model_identity,
-    staged_dir,
-)
-from sd_deploy.exporter.onnx_export import export_module, export_onnx, finalize_onnx
-from sd_deploy.exporter.validate import validate_component
-from sd_deploy.hashing import files_sha256
-from sd_deploy.models import LoadedModels
-from sd_deploy.runtime import shapes
-from sd_deploy.runtime.manifest import (
-    COMPONENTS,
+from sd_deploy.engine_dir import shapes
+from sd_deploy.engine_dir.atomic import staged_dir
+from sd_deploy.engine_dir.hashing import files_sha256
+from sd_deploy.engine_dir.layout import COMPONENTS
+from sd_deploy.engine_dir.manifest import (
     ComponentSpec,
     Manifest,
     ModelInfo,
@@ -40,6 +25,21 @@ from sd_deploy.runtime.manifest import (
     TensorSpec,
     TokenizerInfo,
 )
+from sd_deploy.errors import ExportError
+from sd_deploy.exporter.components import (
+    IO_CONVENTIONS,
+    ComponentGraph,
+    component_graphs,
+    sample_inputs,
+)
+from sd_deploy.exporter.onnx_export import export_module, export_onnx, finalize_onnx
+from sd_deploy.exporter.output_dir import (
+    existing_manifest,
+    link_or_copy,
+    model_identity,
+)
+from sd_deploy.exporter.validate import validate_component
+from sd_deploy.models import LoadedModels
 
 DEFAULT_OPSET = 17
 
@@ -223,7 +223,7 @@ def export_engine_dir(
     graphs = component_graphs(models)
     specs: dict[str, ComponentSpec] = {}
     with (
-        staged_dir(out) as stage,
+        staged_dir(out, error=ExportError) as stage,
         tqdm(total=2 * len(names), disable=not progress, unit="step", leave=False) as bar,
     ):
         if old is not None:

@@ -16,7 +16,7 @@ from torch import nn
 
 from sd_deploy.errors import ExportError, first_line
 from sd_deploy.exporter.components import ComponentGraph, sample_inputs
-from sd_deploy.runtime.metrics import max_abs_error, relative_l2
+from sd_deploy.metrics import max_abs_error, relative_l2
 
 # fp32: ORT and PyTorch differ only in kernel summation order (~1e-6 on these models).
 # fp16: 10-bit mantissa gives ~5e-4 per op; accumulated through the UNet ~1e-3..5e-3.

@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from sd_deploy.engine_dir import shapes
+from sd_deploy.engine_dir.manifest import Manifest, read_manifest
 from sd_deploy.errors import NonFiniteOutputError, RequestError
-from sd_deploy.runtime import shapes
 from sd_deploy.runtime.backends import Backend, ComponentSession, select_backend
 from sd_deploy.runtime.images import prepare_init_image, to_uint8
-from sd_deploy.runtime.manifest import Manifest, read_manifest
 from sd_deploy.runtime.schedulers import img2img_timesteps, make_scheduler
 from sd_deploy.runtime.tokenizer import CLIPTokenizer
 

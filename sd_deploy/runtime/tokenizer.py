@@ -38,8 +38,8 @@ import functools
 import gzip
 import heapq
 import json
+import logging
 import unicodedata
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -47,6 +47,8 @@ import numpy as np
 import regex
 
 from sd_deploy.errors import EngineDirError, ExportError
+
+log = logging.getLogger("sd_deploy")
 
 __all__ = [
     "BOS_TOKEN",
@@ -375,12 +377,15 @@ class CLIPTokenizer:
             ids = self._text_ids(prompt)
             if len(ids) > keep:
                 dropped = ids[keep:]
-                warnings.warn(
-                    f"prompt {row} ({_shorten(prompt)!r}) has {len(ids)} tokens, more than the "
-                    f"{keep} the text encoder takes: dropped the last {len(dropped)} "
-                    f"({_shorten(self._decode(dropped))!r})",
-                    UserWarning,
-                    stacklevel=2,
+                log.warning(
+                    "prompt %d (%r) has %d tokens, more than the %d the text encoder takes: "
+                    "dropped the last %d (%r)",
+                    row,
+                    _shorten(prompt),
+                    len(ids),
+                    keep,
+                    len(dropped),
+                    _shorten(self._decode(dropped)),
                 )
                 ids = ids[:keep]
             out[row, 0] = self.bos_token_id

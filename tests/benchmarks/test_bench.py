@@ -223,7 +223,7 @@ def test_reference_rebuilds_the_exported_weights(tiny_engine_fp32, tiny_models):
     import torch
 
     from sd_deploy.benchmarks.reference import load_reference_models
-    from sd_deploy.runtime.manifest import read_manifest
+    from sd_deploy.engine_dir.manifest import read_manifest
 
     models, note = load_reference_models(read_manifest(tiny_engine_fp32), tiny_engine_fp32)
     assert note["source"] == "preset:tiny:random-seed-0" and not note["overridden"]

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from sd_deploy.hashing import files_sha256
-from sd_deploy.runtime.manifest import Manifest
+from sd_deploy.engine_dir.hashing import files_sha256
+from sd_deploy.engine_dir.manifest import Manifest
 
 RANGES = {"batch": [1, 1, 4], "height": [32, 64, 128], "width": [32, 64, 128]}
 

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from sd_deploy.engine_dir.manifest import read_manifest
+from sd_deploy.engine_dir.plans import plan_metadata_path, plan_path, read_metadata
 from sd_deploy.engines import BuildResult, build_engines, parse_workspace
 from sd_deploy.engines.build import resolve_components
-from sd_deploy.engines.metadata import metadata_path, plan_path, read_metadata
 from sd_deploy.errors import BuildError, EngineDirError
 from sd_deploy.runtime.backends import tensorrt as trt_backend
-from sd_deploy.runtime.manifest import read_manifest
 
 
 class FakePolygraphyError(Exception):
@@ -246,7 +246,7 @@ def test_builds_every_component_strongly_typed(engine_dir, fakes, env):
         assert (
             plan.read_bytes() == fakes.plan_bytes + str(engine_dir / name / "model.onnx").encode()
         )
-        meta = read_metadata(metadata_path(plan))
+        meta = read_metadata(plan_metadata_path(plan))
         assert meta.component == name
         assert meta.tensorrt_version == env["trt_version"]
         assert meta.gpu_name == env["gpu_name"] and meta.compute_capability == "9.0"
@@ -277,13 +277,13 @@ def test_up_to_date_plans_are_skipped(engine_dir, fakes):
 
 def test_skip_plan_written_by_hand(engine_dir, fakes, env):
     # A plan + metadata written the way sd-build writes them is up to date.
-    from sd_deploy.engines.metadata import PlanMetadata, write_metadata
+    from sd_deploy.engine_dir.plans import PlanMetadata, write_metadata
 
     spec = read_manifest(engine_dir).components["vae_decoder"]
     plan = plan_path(engine_dir, "vae_decoder")
     plan.write_bytes(b"0123456789")
     write_metadata(
-        metadata_path(plan),
+        plan_metadata_path(plan),
         PlanMetadata(
             component="vae_decoder",
             tensorrt_version=env["trt_version"],
@@ -317,7 +317,7 @@ def test_changed_onnx_rebuilds(engine_dir, fakes):
     [result] = build(engine_dir, components=["unet"])
     assert result.status == "built"
     assert "ONNX graph unet/model.onnx changed" in result.reason
-    assert read_metadata(metadata_path(plan_path(engine_dir, "unet"))).onnx_sha256 == "f" * 64
+    assert read_metadata(plan_metadata_path(plan_path(engine_dir, "unet"))).onnx_sha256 == "f" * 64
 
 
 def test_other_tensorrt_or_gpu_rebuilds(engine_dir, fakes, env, monkeypatch):
@@ -342,7 +342,7 @@ def test_new_flags_rebuild_with_their_profile(engine_dir, fakes):
     assert result.status == "built" and result.reason.startswith("profile differs")
     profile = fakes.named("CreateConfig")[-1][1]["profiles"][0]
     assert profile["sample"] == {"min": [1, 4, 8, 8], "opt": [2, 4, 8, 8], "max": [4, 4, 8, 8]}
-    meta = read_metadata(metadata_path(plan_path(engine_dir, "unet")))
+    meta = read_metadata(plan_metadata_path(plan_path(engine_dir, "unet")))
     assert meta.shape_ranges == {"batch": [1, 1, 2], "height": [64, 64, 64], "width": [64, 64, 64]}
     assert meta.build_flags["batch"] == "1:1:2"
     # The same flags again: up to date.
@@ -354,7 +354,7 @@ def test_static_build(engine_dir, fakes):
     [result] = build(engine_dir, components=["unet"], static=True)
     profile = fakes.named("CreateConfig")[-1][1]["profiles"][0]
     assert profile["sample"] == {"min": [2, 4, 8, 8], "opt": [2, 4, 8, 8], "max": [2, 4, 8, 8]}
-    meta = read_metadata(metadata_path(result.plan))
+    meta = read_metadata(plan_metadata_path(result.plan))
     assert meta.build_flags["static"] is True
 
 
@@ -365,21 +365,21 @@ def test_fp32_graph_warns(make_engine, tmp_path, fakes, capsys):
     assert "unet graph is fp32" in warning and "sd-export --fp16" in warning
     assert "\n" not in warning
     assert "sd-export --fp16" in capsys.readouterr().err
-    assert read_metadata(metadata_path(results[0].plan)).precision == "fp32"
+    assert read_metadata(plan_metadata_path(results[0].plan)).precision == "fp32"
     assert not build(root, components=["unet"])[0].warnings  # skipped: nothing built
 
 
 def test_build_failure_is_one_line_and_keeps_the_old_plan(engine_dir, fakes):
     build(engine_dir, components=["unet"])
     plan = plan_path(engine_dir, "unet")
-    old_plan, old_meta = plan.read_bytes(), metadata_path(plan).read_text()
+    old_plan, old_meta = plan.read_bytes(), plan_metadata_path(plan).read_text()
     fakes.fail = FakePolygraphyError("Failed to parse ONNX model\nIn node 12 (Conv): bad")
     with pytest.raises(BuildError) as info:
         build(engine_dir, components=["unet"], force=True)
     assert str(info.value) == (
         "building unet from unet/model.onnx failed: Failed to parse ONNX model"
     )
-    assert plan.read_bytes() == old_plan and metadata_path(plan).read_text() == old_meta
+    assert plan.read_bytes() == old_plan and plan_metadata_path(plan).read_text() == old_meta
     assert not [p for p in plan.parent.iterdir() if ".tmp-" in p.name]
 
 

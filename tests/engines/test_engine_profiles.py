@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from sd_deploy.engines.profiles import (
+from sd_deploy.engine_dir import shapes
+from sd_deploy.engine_dir.manifest import read_manifest
+from sd_deploy.engine_dir.shapes import (
     build_ranges,
     check_within,
     component_profile,
@@ -13,8 +15,6 @@ from sd_deploy.engines.profiles import (
     wanted_profile,
 )
 from sd_deploy.errors import BuildError
-from sd_deploy.runtime import shapes
-from sd_deploy.runtime.manifest import read_manifest
 
 
 @pytest.fixture

@@ -7,20 +7,20 @@ from pathlib import Path
 
 import pytest
 
-from sd_deploy.engines.metadata import (
+from sd_deploy.engine_dir.hashing import files_sha256
+from sd_deploy.engine_dir.manifest import read_manifest
+from sd_deploy.engine_dir.plans import (
     Fresh,
     PlanMetadata,
     Stale,
-    metadata_path,
+    plan_metadata_path,
     plan_path,
     plan_status,
     read_metadata,
     source_onnx_sha256,
     write_metadata,
 )
-from sd_deploy.engines.profiles import wanted_profile
-from sd_deploy.hashing import files_sha256
-from sd_deploy.runtime.manifest import read_manifest
+from sd_deploy.engine_dir.shapes import wanted_profile
 
 
 def write_plan(engine_dir: Path, name: str, env: dict[str, str], **changes) -> PlanMetadata:
@@ -45,7 +45,7 @@ def write_plan(engine_dir: Path, name: str, env: dict[str, str], **changes) -> P
     )
     for key, value in changes.items():
         setattr(metadata, key, value)
-    write_metadata(metadata_path(plan), metadata)
+    write_metadata(plan_metadata_path(plan), metadata)
     return metadata
 
 
@@ -56,7 +56,7 @@ def status(engine_dir, component, env, profile=None):
 
 def test_round_trip(engine_dir, env):
     written = write_plan(engine_dir, "unet", env)
-    path = metadata_path(plan_path(engine_dir, "unet"))
+    path = plan_metadata_path(plan_path(engine_dir, "unet"))
     assert path.name == "model.plan.json"
     assert read_metadata(path) == written
     data = json.loads(path.read_text())
@@ -124,7 +124,7 @@ def test_plan_missing(engine_dir, env):
 
 def test_metadata_missing(engine_dir, env):
     write_plan(engine_dir, "unet", env)
-    metadata_path(plan_path(engine_dir, "unet")).unlink()
+    plan_metadata_path(plan_path(engine_dir, "unet")).unlink()
     assert_stale(status(engine_dir, "unet", env), "unet/model.plan has no metadata")
 
 
@@ -138,7 +138,7 @@ def test_metadata_missing(engine_dir, env):
 )
 def test_metadata_corrupt(engine_dir, env, content, words):
     write_plan(engine_dir, "unet", env)
-    metadata_path(plan_path(engine_dir, "unet")).write_text(content)
+    plan_metadata_path(plan_path(engine_dir, "unet")).write_text(content)
     assert_stale(status(engine_dir, "unet", env), "unet/model.plan.json is corrupt", words)
 
 

@@ -8,6 +8,7 @@ it covers sd_deploy/runtime/backends/tensorrt.py.)
 from __future__ import annotations
 
 import enum
+import logging
 import sys
 import types
 from pathlib import Path
@@ -15,13 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sd_deploy.engines.metadata import (
+from sd_deploy.engine_dir.layout import build_command
+from sd_deploy.engine_dir.manifest import read_manifest
+from sd_deploy.engine_dir.plans import (
     PlanMetadata,
-    metadata_path,
+    plan_metadata_path,
     plan_path,
     write_metadata,
 )
-from sd_deploy.engines.profiles import wanted_profile
+from sd_deploy.engine_dir.shapes import request_outside_profiles, wanted_profile
 from sd_deploy.errors import BuildError, RequestError
 from sd_deploy.runtime.backends import tensorrt as trt_backend
 from sd_deploy.runtime.backends import tensorrt_ready
@@ -33,10 +36,8 @@ from sd_deploy.runtime.backends.tensorrt import (
     TensorRTSession,
     check_feeds,
     readiness,
-    request_problem,
     tensorrt_readiness,
 )
-from sd_deploy.runtime.manifest import read_manifest
 
 # ---- fakes for the library boundary -----------------------------------------------------
 
@@ -244,7 +245,7 @@ def write_plan(engine_dir, name, env, **changes):
     )
     for key, value in changes.items():
         setattr(metadata, key, value)
-    write_metadata(metadata_path(plan), metadata)
+    write_metadata(plan_metadata_path(plan), metadata)
 
 
 # ---- sessions ---------------------------------------------------------------------------
@@ -332,11 +333,12 @@ def test_cuda_graph_capture_and_replay(engine_dir, unet_spec):
     assert "launch" not in cuda.calls and session.graph_ready
 
 
-def test_cuda_graph_failure_falls_back(engine_dir, unet_spec):
+def test_cuda_graph_failure_falls_back(engine_dir, unet_spec, caplog):
     session, cuda, context = make_session(engine_dir, unet_spec, cuda_graph=True)
     cuda.fail_capture = True
-    with pytest.warns(RuntimeWarning, match="CUDA graph capture of unet failed"):
+    with caplog.at_level(logging.WARNING, logger="sd_deploy"):
         session.run(unet_feeds())
+    assert "CUDA graph capture of unet failed" in caplog.records[-1].getMessage()
     assert not session.graph_ready and "cudaStreamBeginCapture" in session.graph_error
     feeds = unet_feeds(seed=5)
     np.testing.assert_array_equal(session.run(feeds)["model_output"], expected(feeds))
@@ -387,17 +389,17 @@ def test_device_buffers():
 # ---- image-level request checks -----------------------------------------------------------
 
 
-def test_request_problem(engine_dir):
+def test_request_outside_profiles(engine_dir):
     manifest = read_manifest(engine_dir)
     unet = manifest.components["unet"]
     profiles = {"unet": wanted_profile(unet, 8)}
-    assert request_problem(manifest, profiles, 4, 128, 128, True, engine_dir) == ""
+    assert request_outside_profiles(manifest, profiles, 4, 128, 128, True, engine_dir) == ""
     static = {"unet": wanted_profile(unet, 8, static=True)}
-    assert request_problem(manifest, static, 1, 64, 64, True, engine_dir) == ""
-    problem = request_problem(manifest, static, 1, 64, 64, False, engine_dir)
+    assert request_outside_profiles(manifest, static, 1, 64, 64, True, engine_dir) == ""
+    problem = request_outside_profiles(manifest, static, 1, 64, 64, False, engine_dir)
     assert "batch 1 at 64x64 (unguided) needs unet sample [1, 4, 8, 8]" in problem
     assert "without --static" in problem
-    assert "96x64" in request_problem(manifest, static, 1, 64, 96, True, engine_dir)
+    assert "96x64" in request_outside_profiles(manifest, static, 1, 64, 96, True, engine_dir)
 
 
 # ---- readiness ----------------------------------------------------------------------------
@@ -624,8 +626,8 @@ def test_module_imports_without_tensorrt():
 
 
 def test_path_helpers(engine_dir):
-    assert trt_backend.build_command(engine_dir) == f"sd-build --engine {engine_dir}"
-    assert trt_backend.build_command(Path("e"), "unet") == "sd-build --engine e --component unet"
+    assert build_command(engine_dir) == f"sd-build --engine {engine_dir}"
+    assert build_command(Path("e"), "unet") == "sd-build --engine e --component unet"
 
 
 def test_check_request_reads_unopened_plans(backend, engine_dir, env):

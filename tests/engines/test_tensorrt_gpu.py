@@ -13,9 +13,9 @@ import shutil
 import numpy as np
 import pytest
 
+from sd_deploy.engine_dir.manifest import read_manifest
 from sd_deploy.errors import BuildError, RequestError
-from sd_deploy.runtime.manifest import read_manifest
-from sd_deploy.runtime.metrics import relative_l2
+from sd_deploy.metrics import relative_l2
 
 pytestmark = pytest.mark.tensorrt
 
@@ -54,7 +54,7 @@ def built(tmp_path_factory, tiny_engine_fp16):
 
 
 def feeds_for(spec, scale: int, batch: int, size: int, guided: bool, seed: int):
-    from sd_deploy.runtime import shapes
+    from sd_deploy.engine_dir import shapes
 
     values = shapes.symbol_values(batch, size, size, scale, guided)
     rng = np.random.default_rng(seed)

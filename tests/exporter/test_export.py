@@ -9,11 +9,12 @@ import numpy as np
 import onnx
 import pytest
 
+from sd_deploy.engine_dir import shapes
+from sd_deploy.engine_dir.layout import COMPONENTS
+from sd_deploy.engine_dir.manifest import read_manifest
 from sd_deploy.errors import ExportError, UserError
 from sd_deploy.exporter import export as export_module
 from sd_deploy.exporter import export_engine_dir, onnx_export
-from sd_deploy.runtime import shapes
-from sd_deploy.runtime.manifest import COMPONENTS, read_manifest
 
 ONNX_DTYPES = {
     onnx.TensorProto.FLOAT: "float32",

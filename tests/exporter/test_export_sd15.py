@@ -9,7 +9,7 @@ import gc
 
 import pytest
 
-from sd_deploy.runtime.manifest import read_manifest
+from sd_deploy.engine_dir.manifest import read_manifest
 
 
 @pytest.mark.slow

@@ -88,8 +88,8 @@ def default_models():
 
 @pytest.fixture(scope="module")
 def default_engine(tmp_path_factory, default_models):
+    from sd_deploy.engine_dir import shapes
     from sd_deploy.exporter import export_engine_dir
-    from sd_deploy.runtime import shapes
 
     out = tmp_path_factory.mktemp("engines") / "default-fp32"
     n = len(held_out_prompts()[1])
@@ -147,7 +147,7 @@ def test_guidance_draws_prompts_better_than_none(ort_images, default_models):
 
 def test_pytorch_and_onnx_runtime_draw_the_same_images(ort_images, default_engine, default_models):
     from sd_deploy.benchmarks.torch_backend import TorchBackend
-    from sd_deploy.runtime.metrics import psnr
+    from sd_deploy.metrics import psnr
 
     guidance = default_models.config.default_guidance
     torch_images = generate(default_engine, TorchBackend(default_models), guidance)

@@ -20,7 +20,7 @@ def test_runtime_imports_no_heavy_library():
         "import sd_deploy.runtime, sd_deploy.runtime.pipeline, sd_deploy.runtime.schedulers,"
         " sd_deploy.runtime.tokenizer, sd_deploy.runtime.backends,"
         " sd_deploy.runtime.backends.onnxruntime, sd_deploy.runtime.backends.tensorrt,"
-        " sd_deploy.runtime.images, sd_deploy.runtime.manifest"
+        " sd_deploy.runtime.images, sd_deploy.engine_dir.manifest"
     )
     assert "numpy" in loaded  # the probe really imported the runtime
     assert not loaded & set(HEAVY), sorted(loaded & set(HEAVY))

@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
+from sd_deploy.engine_dir.manifest import Manifest, read_manifest
 from sd_deploy.errors import EngineDirError
-from sd_deploy.runtime.manifest import Manifest, read_manifest
 
 
 @pytest.fixture()

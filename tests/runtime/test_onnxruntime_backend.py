@@ -6,10 +6,10 @@ import numpy as np
 import onnxruntime
 import pytest
 
+from sd_deploy.engine_dir.manifest import read_manifest
 from sd_deploy.errors import UserError
 from sd_deploy.runtime.backends import select_backend
 from sd_deploy.runtime.backends.onnxruntime import ARENA_SHRINKAGE, OnnxRuntimeBackend
-from sd_deploy.runtime.manifest import read_manifest
 
 
 @pytest.fixture(scope="module")

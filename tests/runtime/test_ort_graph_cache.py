@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 
 import numpy as np
 import pytest
 
+from sd_deploy.engine_dir.layout import ORT_CACHE_DIR as CACHE_DIR_NAME
+from sd_deploy.engine_dir.manifest import read_manifest
 from sd_deploy.runtime.backends.onnxruntime import OnnxRuntimeBackend
-from sd_deploy.runtime.backends.ort_graph_cache import CACHE_DIR_NAME
-from sd_deploy.runtime.manifest import read_manifest
 
 
 @pytest.fixture
@@ -80,10 +82,13 @@ def test_a_damaged_entry_is_rewritten(engine):
     assert open_unet(engine)[2].name == "ORT_DISABLE_ALL"
 
 
-def test_too_little_disk_warns_and_runs_without_cache(engine, monkeypatch):
+def test_too_little_disk_warns_and_runs_without_cache(engine, monkeypatch, caplog):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(1, 0, 1024))
-    with pytest.warns(UserWarning, match="not caching ONNX Runtime's optimized unet graph.*needed"):
+    with caplog.at_level(logging.WARNING, logger="sd_deploy"):
         session, spec, level = open_unet(engine)
+    assert re.search(
+        "not caching ONNX Runtime's optimized unet graph.*needed", caplog.records[-1].getMessage()
+    )
     assert level.name == "ORT_ENABLE_ALL"
     assert np.isfinite(session.run(unet_inputs(spec))["model_output"]).all()
     assert entries(engine) == []

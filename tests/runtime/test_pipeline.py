@@ -7,8 +7,8 @@ import pytest
 
 from sd_deploy.benchmarks.torch_backend import TorchBackend
 from sd_deploy.errors import NonFiniteOutputError, RequestError
+from sd_deploy.metrics import psnr
 from sd_deploy.runtime.backends.base import Backend, ComponentSession
-from sd_deploy.runtime.metrics import psnr
 from sd_deploy.runtime.pipeline import GenerationRequest, Pipeline
 
 SAMPLERS = ["euler_a", "ddim", "dpmpp_2m_karras", "unipc", "plms"]

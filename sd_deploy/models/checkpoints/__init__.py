@@ -71,9 +71,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sd_deploy.engine_dir.hashing import files_sha256 as _files_sha256
+from sd_deploy.engine_dir.hashing import sha256_file as file_sha256
 from sd_deploy.errors import CheckpointError
-from sd_deploy.hashing import files_sha256 as _files_sha256
-from sd_deploy.hashing import sha256_file as file_sha256
 from sd_deploy.models.checkpoints.assembly import build as _build
 from sd_deploy.models.checkpoints.assembly import meta_modules as _meta_modules
 from sd_deploy.models.checkpoints.diffusers_configs import folder_config as _folder_config

@@ -9,9 +9,9 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from sd_deploy.engine_dir.manifest import Manifest
 from sd_deploy.errors import UserError
 from sd_deploy.runtime.backends.base import Backend, ComponentSession
-from sd_deploy.runtime.manifest import Manifest
 
 BACKEND_NAMES = (
     "auto",

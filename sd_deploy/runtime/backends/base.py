@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sd_deploy.runtime.manifest import ComponentSpec
+from sd_deploy.engine_dir.manifest import ComponentSpec
 
 
 class ComponentSession(ABC):

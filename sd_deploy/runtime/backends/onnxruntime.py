@@ -6,18 +6,20 @@ onnxruntime is imported when a backend is created, never at module import, so
 
 from __future__ import annotations
 
+import logging
 import os
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sd_deploy.engine_dir.manifest import ComponentSpec
 from sd_deploy.errors import UserError, first_line
 from sd_deploy.runtime.backends.base import Backend, ComponentSession
 from sd_deploy.runtime.backends.ort_graph_cache import SAVE_EXTERNAL_DATA, GraphCache
-from sd_deploy.runtime.manifest import ComponentSpec
+
+log = logging.getLogger("sd_deploy")
 
 # RunOptions key: free the CPU arena's unused regions when the run ends.
 ARENA_SHRINKAGE = "memory.enable_memory_arena_shrinkage"
@@ -185,30 +187,27 @@ class OnnxRuntimeBackend(Backend):
             except UserError:
                 cache.discard()  # damaged: optimize the source again and rewrite it
         try:
-            staging = cache.begin()
+            cache.check_space()
+            with cache.staged() as staging:
+                options = self.session_options()
+                options.optimized_model_filepath = os.fspath(staging / "model.onnx")
+                for key, value in SAVE_EXTERNAL_DATA.items():
+                    options.add_session_config_entry(key, value)
+                session = self.create(path, options, engine_dir, spec)
         except OSError as exc:
-            warnings.warn(
-                f"not caching ONNX Runtime's optimized {spec.name} graph (every load "
-                f"re-optimizes it; --no-graph-cache stops trying): {first_line(exc)}",
-                UserWarning,
-                stacklevel=3,
+            log.warning(
+                "not caching ONNX Runtime's optimized %s graph (every load re-optimizes it; "
+                "--no-graph-cache stops trying): %s",
+                spec.name,
+                first_line(exc),
             )
             return self.create(path, self.session_options(), engine_dir, spec)
-        options = self.session_options()
-        options.optimized_model_filepath = os.fspath(staging / "model.onnx")
-        for key, value in SAVE_EXTERNAL_DATA.items():
-            options.add_session_config_entry(key, value)
-        try:
-            session = self.create(path, options, engine_dir, spec)
         except UserError:
-            cache.abort(staging)
             # Writing may be what failed; without it, a bad graph still fails plainly.
             session = self.create(path, self.session_options(), engine_dir, spec)
-            warnings.warn(
-                f"could not write ONNX Runtime's optimized {spec.name} graph to {cache.root}",
-                UserWarning,
-                stacklevel=3,
+            log.warning(
+                "could not write ONNX Runtime's optimized %s graph to %s", spec.name, cache.root
             )
             return session
-        cache.commit(staging)
+        cache.prune()
         return session

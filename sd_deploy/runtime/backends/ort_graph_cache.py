@@ -9,24 +9,26 @@ ONNX Runtime version (ONNX Runtime warns so when saving), so the cache key holds
 with the component's graph hash and its files' sizes and times.
 
 Layout: <component>/ort_cpu_cache/<key>/model.onnx (+ model.onnx_data). An entry is
-written in a temporary sibling and renamed into place, so readers see a whole entry or
-none; a new entry replaces the component's older ones. It costs about the graph's size
-on disk (3.4 GB for the fp32 SD 1.5 UNet); `sd-run --no-graph-cache` does without.
+written in a hidden sibling and renamed into place (`engine_dir.atomic.staged_dir`), so
+readers see a whole entry or none; a new entry replaces the component's older ones. It
+costs about the graph's size on disk (3.4 GB for the fp32 SD 1.5 UNet);
+`sd-run --no-graph-cache` does without.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
-import os
 import platform
 import shutil
 from pathlib import Path
 
-from sd_deploy.runtime.manifest import ComponentSpec
+from sd_deploy.engine_dir.atomic import staged_dir
+from sd_deploy.engine_dir.layout import ORT_CACHE_DIR
+from sd_deploy.engine_dir.manifest import ComponentSpec
 
-CACHE_DIR_NAME = "ort_cpu_cache"
 # Session settings that make ONNX Runtime write the optimized graph with its weights
 # in one external file next to it (graphs over 2 GB cannot be a single protobuf).
 SAVE_EXTERNAL_DATA = {
@@ -61,7 +63,7 @@ class GraphCache:
     def __init__(self, engine_dir: Path, spec: ComponentSpec, ort_version: str) -> None:
         self.engine_dir = Path(engine_dir)
         self.spec = spec
-        self.root = self.engine_dir / spec.name / CACHE_DIR_NAME
+        self.root = self.engine_dir / spec.name / ORT_CACHE_DIR
         self.entry = self.root / self.key(ort_version)
         self.graph = self.entry / "model.onnx"
 
@@ -81,32 +83,25 @@ class GraphCache:
     def source_bytes(self) -> int:
         return sum((self.engine_dir / rel).stat().st_size for rel in self.spec.files)
 
-    def begin(self) -> Path:
-        """A fresh temporary folder to write the entry in; OSError if the engine dir is not
-        writable or lacks the space."""
+    def check_space(self) -> None:
+        """OSError when the engine dir is not writable or lacks room for an entry."""
         need = int(self.source_bytes() * SPACE_MARGIN)
         self.root.mkdir(exist_ok=True)
         free = shutil.disk_usage(self.root).free
         if free < need:
             raise OSError(f"{free / 2**30:.1f} GiB free in {self.root}, {need / 2**30:.1f} needed")
-        staging = self.root / f".{self.entry.name}.partial-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        return staging
 
-    def commit(self, staging: Path) -> None:
-        """Move a written entry into place and drop the component's older entries."""
-        try:
-            staging.rename(self.entry)
-        except OSError:  # another process committed the same entry first
-            self.abort(staging)
+    def staged(self) -> contextlib.AbstractContextManager[Path]:
+        """A hidden folder to write the entry in, renamed into place when the block ends
+        well; if another process committed the same entry first, its copy wins."""
+        return staged_dir(self.entry, replace=False)
+
+    def prune(self) -> None:
+        """Drop the component's older entries (other CPUs, ONNX Runtime versions, graphs)."""
         for other in self.root.iterdir():
             # Hidden names are entries other processes are still writing.
             if other != self.entry and not other.name.startswith("."):
                 shutil.rmtree(other, ignore_errors=True)
-
-    def abort(self, staging: Path) -> None:
-        shutil.rmtree(staging, ignore_errors=True)
 
     def discard(self) -> None:
         """Remove this entry (it failed to load); the next load writes it again."""

@@ -10,7 +10,7 @@ Library calls are few and kept at the edges:
   cuda-python older than 12.6, removed in 13), wrapped by `CudaRuntime`: device
   memory, one stream, copies, and CUDA graph capture/replay.
 
-Everything else -- whether a plan may be used here (`sd_deploy.engines.metadata`),
+Everything else -- whether a plan may be used here (`sd_deploy.engine_dir.plans`),
 per-input profile bounds, buffer reuse, readiness reasons -- is plain Python and
 tested without a GPU. No torch: device memory is raw cudaMalloc'd buffers.
 
@@ -26,7 +26,7 @@ use it from one thread at a time (one pipeline per thread).
 from __future__ import annotations
 
 import importlib.util
-import warnings
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,18 +34,22 @@ from typing import Any
 
 import numpy as np
 
+from sd_deploy.engine_dir import shapes
+from sd_deploy.engine_dir.layout import (
+    REQUIRED_COMPONENTS,
+    build_command,
+    plan_metadata_path,
+    plan_path,
+    relative,
+)
+from sd_deploy.engine_dir.manifest import ComponentSpec, Manifest
+from sd_deploy.engine_dir.plans import Stale, plan_status, read_metadata
 from sd_deploy.errors import BuildError, RequestError, first_line
-from sd_deploy.runtime import shapes
 from sd_deploy.runtime.backends.base import Backend, ComponentSession
-from sd_deploy.runtime.manifest import REQUIRED_COMPONENTS, ComponentSpec, Manifest
+
+log = logging.getLogger("sd_deploy")
 
 INSTALL_HINT = "pip install 'sd-deploy[trt]' on a machine with an NVIDIA GPU"
-
-
-def build_command(engine_dir: str | Path, component: str | None = None) -> str:
-    """The sd-build command line that (re)builds plans for this engine dir."""
-    command = f"sd-build --engine {engine_dir}"
-    return f"{command} --component {component}" if component else command
 
 
 # --------------------------------------------------------------------------------------
@@ -196,8 +200,6 @@ def require_fresh_plan(
     engine_dir: str | Path, spec: ComponentSpec, current: Mapping[str, str]
 ) -> Any:
     """The plan's PlanMetadata when it may run here, else a BuildError naming the fix."""
-    from sd_deploy.engines.metadata import Stale, plan_status
-
     status = plan_status(engine_dir, spec, current)
     if isinstance(status, Stale):
         raise BuildError(
@@ -257,10 +259,7 @@ def check_feeds(
                 f"{component} input {info.name} has rank {len(shape)}, the plan expects "
                 f"{len(info.min_shape)}"
             )
-        if any(
-            s < lo or s > hi
-            for s, lo, hi in zip(shape, info.min_shape, info.max_shape, strict=True)
-        ):
+        if shapes.shape_outside(shape, info.min_shape, info.max_shape):
             raise RequestError(
                 f"{component} input {info.name} shape {list(shape)} is outside the TensorRT plan's "
                 f"profile {list(info.min_shape)}..{list(info.max_shape)} (rebuild with "
@@ -268,35 +267,6 @@ def check_feeds(
             )
         arrays[info.name] = array
     return arrays
-
-
-def request_problem(
-    manifest: Manifest,
-    profiles: Mapping[str, Mapping[str, Mapping[str, list[int]]]],
-    batch: int,
-    height: int,
-    width: int,
-    guided: bool,
-    engine_dir: str | Path,
-) -> str:
-    """Why an image-level request does not fit the plans' profiles, or '' when it does."""
-    values = shapes.symbol_values(batch, height, width, manifest.model.vae_scale_factor, guided)
-    for component, profile in profiles.items():
-        spec = manifest.components[component]
-        for tensor in spec.inputs:
-            if tensor.name not in profile:
-                continue
-            shape = shapes.resolve(tensor.shape, values)
-            lo, hi = profile[tensor.name]["min"], profile[tensor.name]["max"]
-            if any(s < a or s > b for s, a, b in zip(shape, lo, hi, strict=True)):
-                mode = "guided" if guided else "unguided"
-                return (
-                    f"batch {batch} at {width}x{height} ({mode}) needs {component} {tensor.name} "
-                    f"{shape}, outside its TensorRT plan's {lo}..{hi} (rebuild with "
-                    f"{build_command(engine_dir, component)} and a wider --batch/--height/--width, "
-                    "or without --static)"
-                )
-    return ""
 
 
 class DeviceBuffers:
@@ -341,8 +311,6 @@ def readiness(
     engine_dir: str | Path, manifest: Manifest, current: Mapping[str, str]
 ) -> tuple[bool, str]:
     """Whether every component a txt2img run needs has a usable plan here, and why not."""
-    from sd_deploy.engines.metadata import Stale, plan_path, plan_status
-
     missing = [c for c in REQUIRED_COMPONENTS if c not in manifest.components]
     if missing:
         return False, f"{engine_dir} has no {missing[0]} graph to build a TensorRT plan from"
@@ -510,10 +478,8 @@ class TensorRTSession(ComponentSession):
             self._graph_exec = self.cuda.instantiate(graph)
         except BuildError as exc:
             self.graph_error = str(exc)
-            warnings.warn(
-                f"CUDA graph capture of {self.spec.name} failed, running without it: {exc}",
-                RuntimeWarning,
-                stacklevel=3,
+            log.warning(
+                "CUDA graph capture of %s failed, running without it: %s", self.spec.name, exc
             )
         finally:
             if graph is not None:
@@ -572,8 +538,6 @@ class TensorRTBackend(Backend):
         )
 
     def open(self, engine_dir: Path, spec: ComponentSpec) -> ComponentSession:
-        from sd_deploy.engines.metadata import plan_path, relative
-
         metadata = require_fresh_plan(engine_dir, spec, self.environment)
         plan = plan_path(engine_dir, spec.name)
         try:
@@ -607,23 +571,21 @@ class TensorRTBackend(Backend):
         for name in profiles:
             spec = self.manifest.components[name]
             shapes.check_request(spec.shape_ranges, batch, height, width, name)
-        problem = request_problem(
-            self.manifest, profiles, batch, height, width, guided, self.engine_dir
+        problem = shapes.request_outside_profiles(
+            self.manifest, profiles, batch, height, width, guided, str(self.engine_dir)
         )
         if problem:
             raise RequestError(problem)
 
     def plan_profiles(self) -> dict[str, dict[str, dict[str, list[int]]]]:
         """Profile per component: opened plans', else their metadata's where readable."""
-        from sd_deploy.engines.metadata import metadata_path, plan_path, read_metadata
-
         result = dict(self.profiles)
         for name in self.manifest.components:
             if name in result:
                 continue
             try:
                 result[name] = read_metadata(
-                    metadata_path(plan_path(self.engine_dir, name))
+                    plan_metadata_path(plan_path(self.engine_dir, name))
                 ).profile
             except (OSError, ValueError):
                 continue  # no plan yet: open() will say so

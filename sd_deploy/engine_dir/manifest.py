@@ -15,13 +15,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sd_deploy.engine_dir.atomic import write_atomic
+from sd_deploy.engine_dir.layout import MANIFEST_NAME, REQUIRED_COMPONENTS
 from sd_deploy.errors import EngineDirError
 
 SCHEMA_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-# Components a txt2img run cannot do without; vae_encoder is only needed for img2img.
-REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 
 
 @dataclass(frozen=True)
@@ -173,7 +171,7 @@ class Manifest:
 
     def write(self, engine_dir: Path) -> Path:
         path = Path(engine_dir) / MANIFEST_NAME
-        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
+        write_atomic(path, json.dumps(self.to_json(), indent=2) + "\n")
         return path
 
 

@@ -15,45 +15,19 @@ mapping instead of asking TensorRT, so they are tested without a GPU.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any
 
-from sd_deploy.engines.profiles import ProfileShapes, profile_difference
-from sd_deploy.hashing import files_sha256
-from sd_deploy.runtime.manifest import ComponentSpec
+from sd_deploy.engine_dir.atomic import write_atomic
+from sd_deploy.engine_dir.hashing import files_sha256
+from sd_deploy.engine_dir.layout import plan_metadata_path, plan_path, relative
+from sd_deploy.engine_dir.manifest import ComponentSpec
+from sd_deploy.engine_dir.shapes import ProfileShapes, profile_difference
 
 METADATA_VERSION = 1
-PLAN_NAME = "model.plan"
-METADATA_SUFFIX = ".json"
-
-
-class Environment(TypedDict):
-    """What a plan is tied to on the running machine."""
-
-    trt_version: str
-    gpu_name: str
-    compute_capability: str  # "major.minor", e.g. "9.0"
-
-
-def plan_path(engine_dir: str | Path, component: str) -> Path:
-    return Path(engine_dir) / component / PLAN_NAME
-
-
-def metadata_path(plan: Path) -> Path:
-    return plan.with_name(plan.name + METADATA_SUFFIX)
-
-
-def relative(path: Path, engine_dir: str | Path) -> str:
-    """`path` relative to the engine dir for messages, else as given."""
-    try:
-        return str(path.relative_to(engine_dir))
-    except ValueError:
-        return str(path)
 
 
 def source_onnx_sha256(engine_dir: str | Path, spec: ComponentSpec) -> str:
@@ -119,18 +93,8 @@ class PlanMetadata:
 
 
 def write_metadata(path: Path, metadata: PlanMetadata) -> None:
-    """Write atomically: a temporary sibling, then os.replace."""
-    write_atomic(path, (json.dumps(metadata.to_json(), indent=2) + "\n").encode())
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+    """Write atomically, so a reader never sees half a metadata file."""
+    write_atomic(path, json.dumps(metadata.to_json(), indent=2) + "\n")
 
 
 def read_metadata(path: Path) -> PlanMetadata:
@@ -204,12 +168,13 @@ def plan_status(
 ) -> PlanStatus:
     """Whether `spec`'s plan can be used as it is, checked in the order a user fixes things.
 
-    `current` is the running Environment. `wanted_profile` None accepts any profile
-    (the runtime checks each request against the plan's own profile instead);
+    `current` holds the running machine's trt_version, gpu_name and compute_capability.
+    `wanted_profile` None accepts any profile (the runtime checks each request against
+    the plan's own profile instead);
     `onnx_sha256` None takes the manifest's hash (or recomputes it).
     """
     plan = plan_path(engine_dir, spec.name)
-    meta_file = metadata_path(plan)
+    meta_file = plan_metadata_path(plan)
     name = relative(plan, engine_dir)
     if not plan.is_file():
         return Stale(f"no plan at {name}")

@@ -1,21 +1,20 @@
-"""Atomic engine-dir writes: stage in a hidden sibling, then swap it in.
+"""Where an export may write: refusing to clobber other folders, reusing unchanged components.
 
-An interrupted export leaves at most a hidden `.NAME.partial-*` folder, never a
-directory at the requested path that looks complete. Updating an engine dir of the
-same model keeps the components not re-exported (hard links, so no copy of GBs).
+The export itself is staged with `sd_deploy.engine_dir.atomic.staged_dir`, so an
+interrupted export leaves at most a hidden `.NAME.partial-*` folder, never a directory
+at the requested path that looks complete. Updating an engine dir of the same model
+keeps the components not re-exported (hard links, so no copy of GBs).
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
+from sd_deploy.engine_dir.layout import MANIFEST_NAME
+from sd_deploy.engine_dir.manifest import Manifest, read_manifest
 from sd_deploy.errors import ExportError
-from sd_deploy.runtime.manifest import MANIFEST_NAME, Manifest, read_manifest
 
 
 def model_identity(provenance: dict) -> str:
@@ -63,27 +62,3 @@ def link_or_copy(src: Path, dst: Path) -> None:
         os.link(src, dst)
     except OSError:
         shutil.copy2(src, dst)
-
-
-@contextlib.contextmanager
-def staged_dir(out: Path) -> Iterator[Path]:
-    """Yield a hidden sibling to build in; on success it replaces `out`, else it is removed."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(stage, ignore_errors=True)
-    stage.mkdir()
-    try:
-        yield stage
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            out.rename(old)
-        stage.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    except OSError as exc:
-        shutil.rmtree(stage, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
-            raise ExportError(f"disk full while writing {out}; nothing was changed") from None
-        raise
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
