@@ -1,0 +1,296 @@
+"""OpenVINO backend: the engine dir's own `model.onnx` graphs on the CPU, bf16 where the
+CPU does bf16 matrix work in hardware.
+
+Why: on the Xeon this project measures on (AMX-BF16, AVX512-BF16), OpenVINO runs our fp32
+SD 1.5 UNet graph in bf16 3.7x faster than ONNX Runtime's fp32 CPU path, from the same
+file: no new export.
+
+Precision rule (per component, `resolve_precision`): `auto` is bf16 where /proc/cpuinfo
+shows `amx_bf16` or `avx512_bf16` and the component is in BF16_COMPONENTS, else fp32;
+`fp32` forces f32 everywhere; `bf16` asks for bf16 and is refused on a CPU without bf16
+instructions (OpenVINO would emulate it, slower than f32). What each component was compiled
+with is read back from OpenVINO and kept in `OpenVinoBackend.precisions`.
+
+Compiled-model cache: OpenVINO's own (its CACHE_DIR property), kept at
+<component>/openvino_cache/<graph hash>-<openvino version>/, so a second `sd-run` imports
+the compiled model instead of compiling it. The folder is named by the component's graph
+hash (manifest `onnx_sha256`, which covers external weights) because OpenVINO keys a
+model compiled from a path by that path, not by its contents: a re-export with new weights
+gets a new folder and the old one is removed.
+
+Shapes: `static_shapes=True` reshapes the graph to each call's exact input shapes before
+compiling (one compiled model per shape kept at a time); False compiles the dynamic graph
+once. See STATIC_SHAPES_DEFAULT for what measured faster here.
+
+openvino is imported when a backend is created, never at module import, so
+`sd_deploy.runtime` stays light.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sd_deploy.engine_dir.manifest import ComponentSpec
+from sd_deploy.errors import UserError, first_line
+from sd_deploy.runtime.backends.base import Backend, ComponentSession
+
+log = logging.getLogger("sd_deploy")
+
+PRECISIONS = ("auto", "fp32", "bf16")
+# CPU flags (as /proc/cpuinfo spells them) that run bf16 matrix math in hardware.
+BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+# Components `auto` runs in bf16 on such a CPU. Measured on the shipped default model and
+# the SD 1.5 architecture: see benchmarks/results/openvino-cpu/README.md.
+BF16_COMPONENTS = frozenset({"text_encoder", "unet", "vae_decoder", "vae_encoder"})
+# OpenVINO's element type names for ours.
+OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+FROM_OV_PRECISION = {"f32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16"}
+CACHE_DIR_NAME = "openvino_cache"
+STATIC_SHAPES_DEFAULT = False
+
+
+def import_openvino() -> Any:
+    try:
+        import openvino
+    except ImportError:
+        raise UserError("openvino is not installed: pip install 'sd-deploy[openvino]'") from None
+    return openvino
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The first CPU's instruction-set flags from /proc/cpuinfo (empty where unreadable)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in info.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def bf16_hardware(flags: frozenset[str] | None = None) -> str | None:
+    """The flag that makes bf16 fast on this CPU (amx_bf16 first), or None."""
+    flags = cpu_flags() if flags is None else flags
+    return next((f for f in BF16_CPU_FLAGS if f in flags), None)
+
+
+def resolve_precision(
+    requested: str, component: str, flags: frozenset[str] | None = None
+) -> tuple[str, str]:
+    """The precision `component` runs at for `requested` (auto|fp32|bf16), and why."""
+    if requested not in PRECISIONS:
+        raise UserError(f"unknown precision {requested!r}; choose from {', '.join(PRECISIONS)}")
+    hardware = bf16_hardware(flags)
+    if requested == "fp32":
+        return "fp32", "asked for fp32"
+    if requested == "bf16":
+        if hardware is None:
+            raise UserError(
+                "bf16 asked for, but this CPU has no bf16 instructions "
+                f"({' or '.join(BF16_CPU_FLAGS)}); use --precision fp32 or auto"
+            )
+        return "bf16", f"asked for bf16 ({hardware})"
+    if hardware is None:
+        return "fp32", "auto: the CPU has no bf16 instructions"
+    if component not in BF16_COMPONENTS:
+        return "fp32", f"auto: {component} is kept in fp32"
+    return "bf16", f"auto: the CPU has {hardware}"
+
+
+class OpenVinoSession(ComponentSession):
+    """One component on OpenVINO: a compiled model (one per input shape when static)."""
+
+    def __init__(
+        self,
+        spec: ComponentSpec,
+        backend: OpenVinoBackend,
+        path: Path,
+        config: dict[str, Any],
+        static_shapes: bool,
+    ) -> None:
+        super().__init__(spec)
+        self.backend = backend
+        self.path = path
+        self.config = config
+        self.static_shapes = static_shapes
+        self.output_names = [o.name for o in spec.outputs]
+        self.compiled: Any = None
+        self.request: Any = None
+        self.shapes: tuple[tuple[int, ...], ...] | None = None
+        # Whether the last compile was an import from the compiled-model cache.
+        self.loaded_from_cache = False
+        if not static_shapes:
+            self.set_compiled(backend.compile(self.path, config))
+
+    def set_compiled(self, compiled: Any) -> None:
+        self.compiled = compiled
+        self.request = compiled.create_infer_request()
+        self.loaded_from_cache = bool(compiled.get_property("LOADED_FROM_CACHE"))
+
+    @property
+    def precision(self) -> str:
+        """What OpenVINO compiled the component at (fp32 or bf16); None before a compile."""
+        if self.compiled is None:
+            return ""
+        value = self.compiled.get_property("INFERENCE_PRECISION_HINT")
+        name = value.to_string() if hasattr(value, "to_string") else str(value)
+        return FROM_OV_PRECISION.get(name, name)
+
+    def request_for(self, feeds: Mapping[str, np.ndarray]) -> Any:
+        """The infer request for these inputs' shapes (compiling on a new static shape)."""
+        if not self.static_shapes:
+            return self.request
+        shapes = tuple(tuple(feeds[s.name].shape) for s in self.spec.inputs)
+        if shapes != self.shapes:
+            # One shape at a time: each compiled model holds its own copy of the weights.
+            self.request = self.compiled = None
+            model = self.backend.read(self.path)
+            inputs = zip(self.spec.inputs, shapes, strict=True)
+            model.reshape({spec.name: list(shape) for spec, shape in inputs})
+            self.set_compiled(self.backend.compile(model, self.config))
+            self.shapes = shapes
+        return self.request
+
+    def run(
+        self, feeds: Mapping[str, np.ndarray], release_scratch: bool = False
+    ) -> dict[str, np.ndarray]:
+        request = self.request_for(feeds)
+        # share_inputs: the pipeline hands contiguous arrays of the declared dtypes; outputs
+        # are copied out because the request reuses its output buffers on the next call.
+        outputs = request.infer(dict(feeds), share_inputs=True)
+        result = {name: np.array(outputs[name]) for name in self.output_names}
+        if release_scratch:
+            self.compiled.release_memory()
+        return result
+
+    def close(self) -> None:
+        """Drop the compiled model: OpenVINO frees its weights and buffers with it."""
+        self.request = self.compiled = None
+
+
+class OpenVinoBackend(Backend):
+    """Runs the ONNX graphs with OpenVINO on the CPU."""
+
+    name = "openvino"
+
+    def __init__(
+        self,
+        precision: str = "auto",
+        threads: int | None = None,
+        cache: bool = True,
+        static_shapes: bool | None = None,
+    ) -> None:
+        """`precision`: auto, fp32 or bf16 (see the module docstring); `threads`: OpenVINO's
+        inference threads (None: its default, one per physical core); `cache`: keep compiled
+        models in the engine dir; `static_shapes`: None takes STATIC_SHAPES_DEFAULT."""
+        if precision not in PRECISIONS:
+            raise UserError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+        if threads is not None and threads < 1:
+            raise UserError(f"threads must be >= 1, got {threads}")
+        self._ov = import_openvino()
+        self.version = self._ov.__version__.split("-")[0]
+        self.core = self._ov.Core()
+        self.requested_precision = precision
+        self.threads = threads
+        self.cache = cache
+        self.static_shapes = STATIC_SHAPES_DEFAULT if static_shapes is None else static_shapes
+        # Component name -> (precision, why), filled as components are opened.
+        self.precisions: dict[str, tuple[str, str]] = {}
+
+    def describe(self) -> str:
+        chosen = ", ".join(f"{name} {p}" for name, (p, _) in self.precisions.items())
+        shapes = "static" if self.static_shapes else "dynamic"
+        details = f"CPU, {shapes} shapes" + (f"; {chosen}" if chosen else "")
+        return f"openvino {self.version} ({details})"
+
+    @property
+    def precision(self) -> str:
+        """One word for reports: the precision every opened component runs at, or 'mixed'."""
+        chosen = {p for p, _ in self.precisions.values()}
+        if not chosen:
+            return resolve_precision(self.requested_precision, "unet")[0]
+        return chosen.pop() if len(chosen) == 1 else "mixed"
+
+    def read(self, path: Path) -> Any:
+        try:
+            return self.core.read_model(os.fspath(path))
+        except Exception as exc:  # OpenVINO raises RuntimeError subclasses for bad graphs
+            raise UserError(f"cannot load {path} with OpenVINO: {first_line(exc)}") from None
+
+    def compile(self, model: Any, config: dict[str, Any]) -> Any:
+        """Compile a model or a graph path for the CPU (through the cache when configured)."""
+        try:
+            return self.core.compile_model(
+                os.fspath(model) if isinstance(model, Path) else model, "CPU", config
+            )
+        except Exception as exc:
+            what = model if isinstance(model, Path) else "the reshaped graph"
+            raise UserError(f"cannot compile {what} with OpenVINO: {first_line(exc)}") from None
+
+    def cache_dir(self, engine_dir: Path, spec: ComponentSpec) -> Path | None:
+        """This component's cache folder, created (older graphs' folders removed); None when
+        caching is off or the engine dir is not writable (then every load compiles)."""
+        if not self.cache:
+            return None
+        root = Path(engine_dir) / spec.name / CACHE_DIR_NAME
+        graph = spec.onnx_sha256[:16] or "unhashed"
+        entry = root / f"{graph}-{self.version}"
+        try:
+            entry.mkdir(parents=True, exist_ok=True)
+            probe = entry / f".write-test-{os.getpid()}"
+            probe.touch()
+            probe.unlink()
+        except OSError as exc:
+            log.warning(
+                "not caching OpenVINO's compiled %s (every load compiles it again): %s",
+                spec.name,
+                first_line(exc),
+            )
+            return None
+        for other in root.iterdir():
+            if other != entry and other.is_dir():
+                shutil.rmtree(other, ignore_errors=True)
+        return entry
+
+    def config(self, engine_dir: Path, spec: ComponentSpec, precision: str) -> dict[str, Any]:
+        config: dict[str, Any] = {
+            "INFERENCE_PRECISION_HINT": OV_PRECISION[precision],
+            "PERFORMANCE_HINT": "LATENCY",
+        }
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        cache = self.cache_dir(engine_dir, spec)
+        if cache is not None:
+            config["CACHE_DIR"] = os.fspath(cache)
+        return config
+
+    def open(self, engine_dir: Path, spec: ComponentSpec) -> ComponentSession:
+        precision, why = resolve_precision(self.requested_precision, spec.name)
+        path = Path(engine_dir) / spec.onnx
+        config = self.config(Path(engine_dir), spec, precision)
+        session = OpenVinoSession(spec, self, path, config, self.static_shapes)
+        # Record what OpenVINO says it compiled, which is what ran (static: compiled on
+        # first run, so the request stands until then).
+        self.precisions[spec.name] = (session.precision or precision, why)
+        return session
+
+
+__all__ = [
+    "BF16_COMPONENTS",
+    "OpenVinoBackend",
+    "OpenVinoSession",
+    "bf16_hardware",
+    "cpu_flags",
+    "resolve_precision",
+]

@@ -1,0 +1,255 @@
+"""The OpenVINO backend on the shipped default model: outputs against ONNX Runtime fp32,
+the compiled-model cache, the precision rule, and the default model's own quality checker
+in bf16 (the issue's rule: colour/shape scores at most 2 points below fp32)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("openvino", reason="openvino is not installed: pip install sd-deploy[openvino]")
+
+from sd_deploy.errors import UserError  # noqa: E402
+from sd_deploy.runtime.backends import openvino as ov_backend  # noqa: E402
+from sd_deploy.runtime.backends.openvino import (  # noqa: E402
+    CACHE_DIR_NAME,
+    OpenVinoBackend,
+    resolve_precision,
+)
+
+# OpenVINO's bf16 keeps 8 mantissa bits: relative L2 error of a whole component's output
+# vs fp32 measured 4e-3 (UNet) to 1e-2 on the default model; 5e-2 asked. fp32 matches
+# ONNX Runtime to float rounding.
+BF16_REL_L2 = 5e-2
+FP32_REL_L2 = 1e-4
+# Final images of the bf16 pipeline vs the ONNX Runtime fp32 one fed the same noise, 48
+# held-out prompts of the default model: min 34.2 dB, median 51.6 dB measured (the UNet
+# alone in bf16: 34.6 / 53.8; the trajectory of a few images drifts, their content holds).
+MIN_BF16_PSNR_DB = 30.0
+MEDIAN_BF16_PSNR_DB = 45.0
+MAX_SCORE_DROP = 0.02  # the issue's rule: 2 points
+AMX = frozenset({"fpu", "amx_bf16", "avx512_bf16"})
+NO_BF16 = frozenset({"fpu", "avx2", "avx512f"})
+needs_bf16_cpu = pytest.mark.skipif(
+    ov_backend.bf16_hardware() is None, reason="this CPU has no bf16 instructions"
+)
+
+
+@pytest.fixture(scope="module")
+def default_engine(tmp_path_factory):
+    """The packaged default model exported fp32 (the cache tests write into it)."""
+    from sd_deploy.engine_dir import ShapeRange, ShapeRanges
+    from sd_deploy.exporter import export_engine_dir
+    from sd_deploy.models import load_models
+
+    out = tmp_path_factory.mktemp("engines") / "default-fp32"
+    size = ShapeRange(32, 64, 128)
+    shape_ranges = ShapeRanges(batch=ShapeRange(1, 1, 48), height=size, width=size)
+    export_engine_dir(load_models(), out, fp16=False, ranges=shape_ranges, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def manifest(default_engine):
+    from sd_deploy.engine_dir import read_manifest
+
+    return read_manifest(default_engine)
+
+
+def feeds_for(spec, batch: int = 2, latent: int = 8) -> dict[str, np.ndarray]:
+    """Inputs of the manifest's opt shapes, with this batch and latent side (x8 for images)."""
+    rng = np.random.default_rng(0)
+    result = {}
+    for tensor in spec.inputs:
+        shape = list(spec.profile_shapes[tensor.name]["opt"])
+        shape[0] = batch
+        if len(shape) == 4:
+            shape[2:] = [latent * 8 if shape[1] == 3 else latent] * 2
+        if tensor.dtype == "int32":
+            result[tensor.name] = rng.integers(0, 400, shape).astype(np.int32)
+        elif tensor.name == "timestep":
+            result[tensor.name] = np.full(shape, 500.0, np.float32)
+        else:
+            result[tensor.name] = rng.standard_normal(shape).astype(np.float32)
+    return result
+
+
+def rel_l2(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def ort_outputs(engine_dir, spec, feeds):
+    from sd_deploy.runtime.backends.onnxruntime import OnnxRuntimeBackend
+
+    session = OnnxRuntimeBackend("cpu", graph_cache=False).open(engine_dir, spec)
+    try:
+        return session.run(feeds)
+    finally:
+        session.close()
+
+
+# --------------------------------------------------------------------------- precision rule
+
+
+def test_auto_is_bf16_only_on_a_cpu_with_bf16_instructions():
+    assert resolve_precision("auto", "unet", AMX) == ("bf16", "auto: the CPU has amx_bf16")
+    assert resolve_precision("auto", "unet", frozenset({"avx512_bf16"}))[0] == "bf16"
+    assert resolve_precision("auto", "unet", NO_BF16) == (
+        "fp32",
+        "auto: the CPU has no bf16 instructions",
+    )
+    assert resolve_precision("fp32", "unet", AMX) == ("fp32", "asked for fp32")
+
+
+def test_bf16_asked_for_on_a_cpu_without_it_is_refused():
+    with pytest.raises(UserError, match="no bf16 instructions"):
+        resolve_precision("bf16", "unet", NO_BF16)
+    with pytest.raises(UserError, match="unknown precision 'fp16'"):
+        OpenVinoBackend("fp16")
+    with pytest.raises(UserError, match="threads must be >= 1"):
+        OpenVinoBackend(threads=0)
+
+
+def test_components_outside_the_bf16_set_stay_fp32(monkeypatch):
+    monkeypatch.setattr(ov_backend, "BF16_COMPONENTS", frozenset({"unet"}))
+    assert resolve_precision("auto", "vae_decoder", AMX)[0] == "fp32"
+    assert resolve_precision("bf16", "vae_decoder", AMX)[0] == "bf16"
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=needs_bf16_cpu)])
+@pytest.mark.parametrize("component", ["text_encoder", "unet", "vae_decoder", "vae_encoder"])
+def test_outputs_match_onnx_runtime_fp32(default_engine, manifest, component, precision):
+    spec = manifest.components[component]
+    feeds = feeds_for(spec)
+    backend = OpenVinoBackend(precision, threads=1, cache=False)
+    session = backend.open(default_engine, spec)
+    got = session.run(feeds)
+    want = ort_outputs(default_engine, spec, feeds)
+    assert backend.precisions[component][0] == precision  # what OpenVINO says it compiled
+    bound = BF16_REL_L2 if precision == "bf16" else FP32_REL_L2
+    for name in want:
+        assert got[name].dtype == np.float32 and got[name].shape == want[name].shape
+        assert rel_l2(got[name], want[name]) <= bound, (name, rel_l2(got[name], want[name]))
+
+
+def test_static_shapes_compile_per_shape_and_match_dynamic(default_engine, manifest):
+    spec = manifest.components["unet"]
+    dynamic = OpenVinoBackend("fp32", threads=1, cache=False, static_shapes=False)
+    static = OpenVinoBackend("fp32", threads=1, cache=False, static_shapes=True)
+    d_session = dynamic.open(default_engine, spec)
+    s_session = static.open(default_engine, spec)
+    assert s_session.compiled is None  # compiled at the first call, for its shapes
+    for batch, latent in ((2, 8), (2, 8), (1, 4)):
+        feeds = feeds_for(spec, batch, latent)
+        got = s_session.run(feeds)["model_output"]
+        assert s_session.shapes[0] == (batch, 4, latent, latent)
+        assert [tuple(i.get_partial_shape().to_shape()) for i in s_session.compiled.inputs][0] == (
+            batch,
+            4,
+            latent,
+            latent,
+        )
+        np.testing.assert_allclose(got, d_session.run(feeds)["model_output"], atol=1e-4)
+
+
+def test_release_scratch_frees_openvino_buffers_and_close_drops_the_model(
+    default_engine, manifest, monkeypatch
+):
+    spec = manifest.components["text_encoder"]
+    session = OpenVinoBackend("fp32", threads=1, cache=False).open(default_engine, spec)
+    feeds = feeds_for(spec)
+    kept = session.run(feeds)["text_embeddings"]
+    released = session.run(feeds, release_scratch=True)["text_embeddings"]
+    # The output is a copy: the request's buffer being reused does not change it.
+    np.testing.assert_array_equal(kept, released)
+    assert kept is not released
+    session.close()
+    assert session.compiled is None and session.request is None
+
+
+# --------------------------------------------------------------------------- cache
+
+
+def test_second_load_imports_the_compiled_model_from_the_engine_dir(default_engine, manifest):
+    spec = manifest.components["vae_decoder"]
+    first = OpenVinoBackend("fp32", threads=1).open(default_engine, spec)
+    root = default_engine / "vae_decoder" / CACHE_DIR_NAME
+    entries = [p for p in root.iterdir() if p.is_dir()]
+    assert len(entries) == 1 and entries[0].name.startswith(spec.onnx_sha256[:16])
+    blobs = sorted(entries[0].glob("*.blob"))
+    assert blobs, "OpenVINO wrote no compiled model"
+    stamps = [b.stat().st_mtime_ns for b in blobs]
+    second = OpenVinoBackend("fp32", threads=1).open(default_engine, spec)
+    assert second.loaded_from_cache
+    assert [b.stat().st_mtime_ns for b in sorted(entries[0].glob("*.blob"))] == stamps
+    feeds = feeds_for(spec)
+    np.testing.assert_array_equal(first.run(feeds)["images"], second.run(feeds)["images"])
+    off = OpenVinoBackend("fp32", threads=1, cache=False).open(default_engine, spec)
+    assert not off.loaded_from_cache and "CACHE_DIR" not in off.config
+
+
+def test_a_new_graph_hash_replaces_the_old_cache_folder(default_engine, manifest):
+    import dataclasses
+
+    spec = manifest.components["text_encoder"]
+    OpenVinoBackend("fp32", threads=1).open(default_engine, spec)
+    changed = dataclasses.replace(spec, onnx_sha256="f" * 64)
+    OpenVinoBackend("fp32", threads=1).open(default_engine, changed)
+    names = [p.name for p in (default_engine / "text_encoder" / CACHE_DIR_NAME).iterdir()]
+    assert len(names) == 1 and names[0].startswith("f" * 16)
+
+
+def test_unwritable_cache_warns_and_still_runs(default_engine, manifest, monkeypatch, caplog):
+    from pathlib import Path
+
+    spec = manifest.components["text_encoder"]
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    monkeypatch.setattr(Path, "touch", refuse)
+    with caplog.at_level("WARNING", logger="sd_deploy"):
+        session = OpenVinoBackend("fp32", threads=1).open(default_engine, spec)
+    assert "not caching OpenVINO's compiled text_encoder" in caplog.text
+    assert "CACHE_DIR" not in session.config
+    assert session.run(feeds_for(spec))["text_embeddings"].shape == (2, 77, 64)
+
+
+# --------------------------------------------------------------------------- quality
+
+
+@needs_bf16_cpu
+def test_bf16_pipeline_draws_the_held_out_prompts_as_well_as_fp32(default_engine):
+    """The default model's own checker on its held-out prompts: bf16 at most 2 points below
+    ONNX Runtime fp32 on colour and shape, and every image close to its fp32 twin."""
+    from sd_deploy.metrics import psnr
+    from sd_deploy.models import shapes_check, shapes_data
+    from sd_deploy.runtime.pipeline import GenerationRequest, Pipeline
+
+    combos = [c for c in shapes_data.held_out_combinations() for _ in range(4)]
+    prompts = [f"a {c} {s} on a {b} background" for c, s, b in combos]
+    noise = np.random.default_rng(1000).standard_normal((len(prompts), 4, 8, 8), np.float32)
+    request = GenerationRequest(prompt=prompts, batch=len(prompts), seed=1000, initial_noise=noise)
+    images = {}
+    for name, backend in (
+        ("fp32", "onnxruntime-cpu"),
+        ("bf16", OpenVinoBackend("bf16", threads=2)),
+    ):
+        pipe = Pipeline(default_engine, backend=backend)
+        try:
+            images[name] = pipe.generate(request).images
+        finally:
+            pipe.close()
+    fp32 = shapes_check.score(images["fp32"], combos)
+    bf16 = shapes_check.score(images["bf16"], combos)
+    assert bf16.colour >= fp32.colour - MAX_SCORE_DROP, (fp32.summary(), bf16.summary())
+    assert bf16.shape >= fp32.shape - MAX_SCORE_DROP, (fp32.summary(), bf16.summary())
+    per_image = [
+        psnr(a.astype(np.float64) / 255, b.astype(np.float64) / 255)
+        for a, b in zip(images["bf16"], images["fp32"], strict=True)
+    ]
+    assert min(per_image) >= MIN_BF16_PSNR_DB, f"min PSNR {min(per_image):.1f} dB"
+    assert np.median(per_image) >= MEDIAN_BF16_PSNR_DB, f"median {np.median(per_image):.1f} dB"
