@@ -9,9 +9,8 @@ and keeps its traceback.
 from __future__ import annotations
 
 import functools
-import os
+import logging
 import sys
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,43 +23,40 @@ from sd_deploy.runtime.schedulers import SAMPLERS
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class _OneLineHandler(logging.Handler):
+    """The library's log messages (logger "sd_deploy") as one `warning: ...` line each,
+    printed under any progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        level = "warning" if record.levelno >= logging.WARNING else "note"
+        tqdm.write(f"{level}: {record.getMessage()}", file=sys.stderr)
+
+
 def user_errors(func: F) -> F:
     """Turn UserError into `error: <message>` and exit 1; KeyboardInterrupt into exit 130;
-    our own UserWarnings into one `warning: <message>` line."""
+    the library's warnings into one `warning: <message>` line each."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        logger = logging.getLogger("sd_deploy")
+        handler = _OneLineHandler(logging.WARNING)
+        logger.addHandler(handler)
+        logger.propagate = False
         try:
-            with warnings.catch_warnings():
-                warnings.showwarning = _one_line_warning
-                return func(*args, **kwargs)
+            return func(*args, **kwargs)
         except UserError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
         except KeyboardInterrupt:
             click.echo("interrupted; nothing half-written was kept", err=True)
             sys.exit(130)
+        finally:
+            logger.removeHandler(handler)
+            logger.propagate = True
 
     return wrapper  # type: ignore[return-value]
-
-
-_default_showwarning = warnings.showwarning
-
-
-def _one_line_warning(
-    message: Warning | str,
-    category: type[Warning],
-    filename: str,
-    lineno: int,
-    file: Any = None,
-    line: str | None = None,
-) -> None:
-    if category is UserWarning and f"{os.sep}sd_deploy{os.sep}" in filename:
-        from tqdm.auto import tqdm
-
-        tqdm.write(f"warning: {message}", file=sys.stderr)  # on its own line, under any bar
-    else:  # other libraries' warnings keep Python's format (file and line help there)
-        _default_showwarning(message, category, filename, lineno, file, line)
 
 
 def range_options(func: F) -> F:
@@ -75,7 +71,12 @@ def range_options(func: F) -> F:
     return func
 
 
-command = click.command(context_settings={"help_option_names": ["-h", "--help"]})
+def command(func: F) -> click.Command:
+    """A click command whose help is its own docstring. (One shared `click.command(...)`
+    decorator object would give every command the first one's help text.)"""
+    return click.command(context_settings={"help_option_names": ["-h", "--help"]})(func)
+
+
 engine_option = click.option(
     "--engine",
     "engine_dir",
@@ -250,7 +251,13 @@ def _sampler_help() -> str:
 @click.option("--steps", type=int, default=None, help="Sampling steps [engine default].")
 @click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale.")
 @click.option("--sampler", default=None, metavar="NAME", help=_sampler_help())
-@click.option("--seed", type=int, default=None, help="Seed; image i uses seed + i [random].")
+@click.option(
+    "--seed",
+    type=int,
+    default=None,
+    help="Seed; image i uses seed + i. Negative (A1111's -1) or absent: a random one, "
+    "written into each PNG.",
+)
 @click.option("--width", type=int, default=None, help="Pixels, multiple of 8 [model default].")
 @click.option("--height", type=int, default=None, help="Pixels, multiple of 8 [model default].")
 @click.option("--batch", type=int, default=1, show_default=True, help="Images per call.")
@@ -270,8 +277,10 @@ def _sampler_help() -> str:
     default="outputs",
     show_default=True,
     type=click.Path(path_type=Path),
-    help="Folder for PNGs.",
+    help="A folder (PNGs named NNNNN-SEED.png, never overwritten) or a file name ending in "
+    ".png (batch > 1: NAME-0.png, NAME-1.png, ...).",
 )
+@click.option("--overwrite", is_flag=True, help="Let --out NAME.png replace existing files.")
 @click.option(
     "--threads",
     type=int,
@@ -301,6 +310,7 @@ def run_command(
     strength: float,
     backend: str,
     out: Path,
+    overwrite: bool,
     threads: int | None,
     no_graph_cache: bool,
     quiet: bool,
@@ -311,18 +321,12 @@ def run_command(
     only one is resident at a time (the lowest peak memory)."""
     from tqdm.auto import tqdm
 
-    from sd_deploy.runtime.images import check_writable_dir, load_init_image, save_png
-    from sd_deploy.runtime.pipeline import GenerationRequest, Pipeline
+    from sd_deploy.runtime import BackendOptions, GenerationRequest, Pipeline
+    from sd_deploy.runtime.images import load_init_image, output_paths, save_png
 
-    out = check_writable_dir(out)
     image = load_init_image(init_image) if init_image is not None else None
-    pipe = Pipeline(
-        engine_dir,
-        backend=backend,
-        keep_loaded=False,
-        threads=threads,
-        graph_cache=not no_graph_cache,
-    )
+    options = BackendOptions(threads=threads, graph_cache=not no_graph_cache)
+    pipe = Pipeline(engine_dir, backend=backend, options=options, keep_loaded=False)
     request = GenerationRequest(
         prompt=prompt,
         negative_prompt=negative_prompt,
@@ -336,30 +340,24 @@ def run_command(
         init_image=image,
         strength=strength,
     )
-    pipe.resolve(request)  # refuse a bad request before any output
+    resolved = pipe.validate(request)  # refuse a bad request before any output
+    paths = output_paths(out, [resolved.seed + i for i in range(resolved.batch)], overwrite)
     click.echo(f"backend: {pipe.backend.describe()} ({pipe.backend_reason})", err=True)
     with tqdm(disable=quiet, unit="step", desc="sampling") as bar:
 
-        def progress(i: int, total: int, t: float) -> None:
+        def progress(i: int, total: int) -> None:
             bar.total = total
             bar.update(1)
 
         result = pipe.generate(request, progress=progress)
-    for image_array, params in zip(result.images, result.parameters, strict=True):
-        path = save_png(image_array, next_free_path(out, params["seed"]), params)
-        click.echo(str(path))
+    for image_array, params, path in zip(result.images, result.parameters, paths, strict=True):
+        click.echo(str(save_png(image_array, path, params.infotext())))
     t = result.timings
     click.echo(
         f"{len(result.images)} image(s) in {t['total']:.2f} s "
         f"(unet {t.get('unet', 0):.2f} s, runtime overhead {t['outside_backend']:.3f} s)",
         err=True,
     )
-
-
-def next_free_path(folder: Path, seed: int) -> Path:
-    """folder/NNNNN-SEED.png with NNNNN one past the highest there: never overwrites."""
-    numbers = [int(p.name[:5]) for p in folder.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")]
-    return folder / f"{max(numbers, default=0) + 1:05d}-{seed}.png"
 
 
 # ---------------------------------------------------------------------------- sd-bench
@@ -461,3 +459,188 @@ def bench_command(
             + (f"  PSNR {psnr if isinstance(psnr, str) else f'{psnr:.1f}'} dB" if psnr else "")
         )
     click.echo(f"report: {report_dir / 'report.md'}")
+
+
+# ---------------------------------------------------------------------------- sd-triton
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def triton_group() -> None:
+    """Serve engine dirs with NVIDIA Triton Inference Server (docs/serving.md)."""
+
+
+@triton_group.command("export")
+@engine_option
+@click.option(
+    "--out",
+    default="model_repository",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Model repository folder (the model goes to OUT/NAME/).",
+)
+@click.option("--name", default="sd", show_default=True, help="Model name clients call.")
+@click.option(
+    "--max-batch",
+    type=click.IntRange(min=0),
+    default=4,
+    show_default=True,
+    help="max_batch_size; > 0 turns dynamic batching on, 0 means unbatched I/O.",
+)
+@click.option(
+    "--instances",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Model instances (each loads the engine dir once) per device.",
+)
+@click.option(
+    "--kind",
+    type=click.Choice(["auto", "cpu", "gpu"]),
+    default="auto",
+    show_default=True,
+    help="Instance kind: KIND_GPU (one instance set per GPU) or KIND_CPU; auto = gpu where "
+    "an NVIDIA GPU is visible here.",
+)
+@click.option(
+    "--backend",
+    default="auto",
+    show_default=True,
+    help="Runtime backend each instance uses (as sd-run --backend).",
+)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime threads.")
+@click.option(
+    "--queue-delay-us",
+    type=click.IntRange(min=0),
+    default=5000,
+    show_default=True,
+    help="How long the dynamic batcher waits for more requests.",
+)
+@click.option(
+    "--max-prompt-chars",
+    type=click.IntRange(min=1),
+    default=4096,
+    show_default=True,
+    help="Longer prompts are refused with an error response.",
+)
+@click.option("--force", is_flag=True, help="Replace an existing OUT/NAME/.")
+@user_errors
+def triton_export_command(
+    engine_dir: Path,
+    out: Path,
+    name: str,
+    max_batch: int,
+    instances: int,
+    kind: str,
+    backend: str,
+    threads: int | None,
+    queue_delay_us: int,
+    max_prompt_chars: int,
+    force: bool,
+) -> None:
+    """Write a Triton model repository whose Python-backend model runs the engine dir."""
+    from sd_deploy.serving import RepositoryConfig, write_model_repository
+    from sd_deploy.serving.repository import resolve_kind
+
+    config = RepositoryConfig(
+        name=name,
+        max_batch=max_batch,
+        instances=instances,
+        kind=kind,
+        backend=backend,
+        threads=threads,
+        queue_delay_us=queue_delay_us,
+        max_prompt_chars=max_prompt_chars,
+    )
+    model_dir = write_model_repository(engine_dir, out, config, force=force)
+    click.echo(
+        f"{model_dir}: model {name}, max_batch_size {max_batch}, "
+        f"{instances} x KIND_{resolve_kind(kind).upper()}, engine dir {engine_dir.resolve()}"
+    )
+    click.echo(f"serve it: sd-triton serve --repository {out}")
+
+
+@triton_group.command("serve")
+@click.option(
+    "--repository",
+    default="model_repository",
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Model repository made by sd-triton export.",
+)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--http-port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--grpc-port", type=click.IntRange(0, 65535), default=8001, show_default=True)
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=8002, show_default=True)
+@click.option(
+    "--stub-env",
+    type=click.Path(path_type=Path),
+    default=None,
+    envvar="SD_TRITON_STUB_ENV",
+    help="NumPy 1 env for the Python backend stubs (sd-triton stub-env) [$SD_TRITON_STUB_ENV].",
+)
+@click.option(
+    "--log",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Write the server's log to this file [this terminal].",
+)
+@user_errors
+def triton_serve_command(
+    repository: Path,
+    host: str,
+    http_port: int,
+    grpc_port: int,
+    metrics_port: int,
+    stub_env: Path | None,
+    log: Path | None,
+) -> None:
+    """Run tritonserver on the repository until Ctrl-C / SIGTERM (port 0: any free one)."""
+    import signal
+    import threading
+
+    from sd_deploy.serving.server import TritonServer
+
+    server = TritonServer(
+        repository,
+        host=host,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        stub_env=stub_env,
+        log=log,
+    )
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.start()
+        for state in server.model_states() or []:
+            reason = str(state.get("reason", "")).strip().splitlines()
+            why = f": {reason[0]}" if reason and state.get("state") != "READY" else ""
+            click.echo(f"model {state['name']}: {state.get('state')}{why}")
+        click.echo(f"HTTP    {server.http_url}")
+        click.echo(f"gRPC    {server.grpc_url}")
+        click.echo(f"metrics {server.metrics_url}")
+        status = "ready" if server.ready() else "up, NOT ready (a model failed to load)"
+        click.echo(f"{status}; Ctrl-C stops", nl=True)
+        while not stop.wait(0.5):
+            if server.process is None or server.process.poll() is not None:
+                code = server.stop()
+                raise UserError(f"tritonserver exited by itself (status {code})")
+        code = server.stop()
+        click.echo(f"stopped (tritonserver exit status {code})")
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@triton_group.command("stub-env")
+@click.argument("folder", type=click.Path(path_type=Path))
+@user_errors
+def triton_stub_env_command(folder: Path) -> None:
+    """Make the NumPy 1 env the Python backend stubs run in (runs pip once)."""
+    from sd_deploy.serving.server import STUB_ENV_VAR, STUB_NUMPY, make_stub_env
+
+    env = make_stub_env(folder)
+    click.echo(f"{env}: {STUB_NUMPY} over this environment's packages")
+    click.echo(f"use it: sd-triton serve --stub-env {env}   (or export {STUB_ENV_VAR}={env})")

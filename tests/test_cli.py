@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from sd_deploy import cli
 from sd_deploy.cli import export_command, run_command
 
 
@@ -89,7 +90,8 @@ def test_export_then_run_writes_pngs_with_parameters(tmp_path):
     ("args", "fragment"),
     [
         (["--steps", "0"], "steps must be an integer >= 1"),
-        (["--guidance", "-2"], "guidance must be >= 0"),
+        (["--guidance", "-2"], "guidance must be a finite number >= 0"),
+        (["--width", "8"], "width 8 is outside the 32..128 the engine dir"),
         (["--sampler", "nope"], "unknown sampler 'nope'; choose one of: ddim, plms"),
         (["--width", "65"], "width 65 is not a multiple of 8"),
         (["--height", "1024"], "height 1024 is outside"),
@@ -151,3 +153,54 @@ def test_run_warns_in_one_line_about_a_truncated_prompt(tmp_path, tiny_engine_fp
     assert warning_lines[0].startswith("warning: prompt 0 (")
     assert "dropped the last 45" in warning_lines[0]
     assert "UserWarning" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "first_line"),
+    [
+        ("export_command", "Export a Stable Diffusion model"),
+        ("build_command", "Build TensorRT"),
+        ("run_command", "Generate images from an engine dir"),
+        ("bench_command", "Parity and latency"),
+    ],
+)
+def test_every_command_describes_itself(command, first_line):
+    r = CliRunner().invoke(getattr(cli, command), ["--help"])
+    assert r.exit_code == 0
+    description = r.output.split("\n\n")[1].strip()
+    assert description.startswith(first_line), description
+
+
+def run_args(engine, out, *extra):
+    return ["--engine", engine, "--prompt", "a red circle", "--steps", "1", "--out", out, *extra]
+
+
+def test_negative_seed_means_random_and_is_written_down(tmp_path, tiny_engine_fp32):
+    r = invoke(run_command, run_args(tiny_engine_fp32, tmp_path, "--seed", "-5", "--quiet"))
+    assert r.exit_code == 0, r.output
+    (png,) = tmp_path.glob("*.png")
+    seed = int(png.stem.split("-", 1)[1])
+    assert seed >= 0
+    assert f"Seed: {seed}," in Image.open(png).text["parameters"]
+
+
+def test_out_ending_in_png_writes_that_file(tmp_path, tiny_engine_fp32):
+    target = tmp_path / "cat.png"
+    r = invoke(run_command, run_args(tiny_engine_fp32, target, "--seed", "1", "--quiet"))
+    assert r.exit_code == 0, r.output
+    assert target.is_file() and Image.open(target).size == (64, 64)
+    again = invoke(run_command, run_args(tiny_engine_fp32, target, "--seed", "2", "--quiet"))
+    one_line_error(again, "cat.png exists (pass --overwrite to replace it)")
+    assert "Seed: 1," in Image.open(target).text["parameters"]  # nothing lost
+    r = invoke(run_command, run_args(tiny_engine_fp32, target, "--seed", "2", "--overwrite"))
+    assert r.exit_code == 0, r.output
+    assert "Seed: 2," in Image.open(target).text["parameters"]
+
+
+def test_out_png_with_a_batch_numbers_the_files(tmp_path, tiny_engine_fp32):
+    target = tmp_path / "sub" / "cat.png"
+    args = run_args(tiny_engine_fp32, target, "--seed", "4", "--batch", "2", "--quiet")
+    r = invoke(run_command, args)
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in target.parent.iterdir()) == ["cat-0.png", "cat-1.png"]
+    assert "Seed: 5," in Image.open(target.parent / "cat-1.png").text["parameters"]

@@ -45,7 +45,7 @@ from sd_deploy.benchmarks.reference import reference_source
 from sd_deploy.benchmarks.timing import CallLog, MemoryWatch, Stopwatch, summarize
 from sd_deploy.engine_dir.manifest import Manifest
 from sd_deploy.errors import UserError
-from sd_deploy.runtime.pipeline import GenerationRequest, Pipeline
+from sd_deploy.runtime import BackendOptions, GenerationRequest, GenerationResult, Pipeline
 
 REPORT_SCHEMA = 1
 COMPONENT_ORDER = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
@@ -108,19 +108,26 @@ class Workload:
             self.noise[batch] = np.stack([r.standard_normal(shape, dtype=np.float32) for r in rngs])
         return self.noise[batch]
 
-    def request(self, batch: int) -> GenerationRequest:
+    def requests(self, batch: int) -> list[GenerationRequest]:
+        """One request per image (each its own prompt, seed + i): one batched generation."""
         c = self.config
-        return GenerationRequest(
-            prompt=c.prompts(batch),
-            negative_prompt=NEGATIVE_PROMPT,
-            height=c.height,
-            width=c.width,
-            steps=c.steps,
-            guidance=c.guidance,
-            sampler=c.sampler,
-            seed=c.seed,
-            batch=batch,
-            initial_noise=self.initial_noise(batch),
+        return [
+            GenerationRequest(
+                prompt=prompt,
+                negative_prompt=NEGATIVE_PROMPT,
+                height=c.height,
+                width=c.width,
+                steps=c.steps,
+                guidance=c.guidance,
+                sampler=c.sampler,
+                seed=c.seed + i,
+            )
+            for i, prompt in enumerate(c.prompts(batch))
+        ]
+
+    def generate(self, pipe: Pipeline, batch: int, progress: Progress) -> GenerationResult:
+        return pipe.generate_from_noise(
+            self.requests(batch), self.initial_noise(batch), lambda i, n: progress.step()
         )
 
     def steps_per_backend(self) -> int:
@@ -171,7 +178,7 @@ def measure_series(
 
 def _pipeline_generate(pipe: Pipeline, work: Workload, progress: Progress) -> Generate:
     def generate(batch: int) -> np.ndarray:
-        return pipe.generate(work.request(batch), progress=lambda i, n, t: progress.step()).images
+        return work.generate(pipe, batch, progress).images
 
     return generate
 
@@ -229,10 +236,10 @@ def measure_reference(work: Workload, progress: Progress) -> tuple[dict[str, Any
             pipe.load_all()
         progress.phase("torch: capturing a reference trajectory")
         first = config.batches[0]
-        result = pipe.generate(work.request(first), progress=lambda i, n, t: progress.step())
+        result = work.generate(pipe, first, progress)
         if "vae_encoder" in manifest.components:
             # Real images to encode: the reference run's own output.
-            pipe.run("vae_encoder", {}, images=result.images.transpose(0, 3, 1, 2) / 255.0)
+            pipe.run_component("vae_encoder", {"images": result.images.transpose(0, 3, 1, 2) / 255})
         recorder.recording = False
         latency: dict[str, Any] = {}
         for batch in config.batches:
@@ -280,9 +287,8 @@ def measure_engine_backend(
     try:
         with MemoryWatch() as memory:
             with Stopwatch() as load:
-                backend, _ = select_backend(
-                    name, config.engine_dir, manifest, threads=config.threads
-                )
+                options = BackendOptions(threads=config.threads)
+                backend, _ = select_backend(name, config.engine_dir, manifest, options)
                 timed = TimedBackend(backend)
                 pipe = Pipeline(config.engine_dir, backend=timed)
                 pipe.load_all()
@@ -295,9 +301,7 @@ def measure_engine_backend(
                 "and build the sessions)",
             )
             session_pipe = pipe
-            entry["parity"] = _parity(
-                name, lambda c, x: session_pipe.run(c, {}, **x), reference, progress
-            )
+            entry["parity"] = _parity(name, session_pipe.run_component, reference, progress)
             entry["latency"], images = _latency(
                 name, _pipeline_generate(pipe, work, progress), timed.log, work, progress
             )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from sd_deploy.benchmarks.plots import format_seconds, image_grid, latency_chart
+from sd_deploy.engine_dir.atomic import write_atomic
 
 COMPONENT_TITLES = {
     "text_encoder": "text encoder",
@@ -40,20 +40,13 @@ def strict_json(value: Any) -> Any:
     return value
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    """Write beside, then rename: a reader never sees half a report (mode follows the umask)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_report(report: dict[str, Any], images: dict[str, np.ndarray], folder: Path) -> Path:
     """report.json, report.md, latency.png and images.png in `folder` (which exists)."""
     folder = Path(folder)
     saved = save_images(images, folder / "images")
     report["files"] = [*REPORT_FILES, *(f"images/{p.name}" for p in saved)]
-    _atomic_write(folder / "report.json", json.dumps(strict_json(report), indent=2) + "\n")
-    _atomic_write(folder / "report.md", markdown(report))
+    write_atomic(folder / "report.json", json.dumps(strict_json(report), indent=2) + "\n")
+    write_atomic(folder / "report.md", markdown(report))
     first = str(report["config"]["batches"][0])
     ok = [n for n, e in report["backends"].items() if e.get("status") == "ok"]
     latency_chart(

@@ -7,14 +7,14 @@ typed: `NetworkFromOnnxPath(path, strongly_typed=True)`, so an FP16 graph writte
 removed in 11). Up-to-date plans are skipped (see `sd_deploy.engine_dir.plans`);
 plans and their metadata are written atomically.
 
-tensorrt and polygraphy are imported inside `build_engines` only.
+tensorrt and polygraphy are imported inside `build_engines` only (through
+`sd_deploy.engine_dir.libraries.import_optional`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import os
 import re
 import sys
 import time
@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import sd_deploy
+from sd_deploy.engine_dir.atomic import replacing
 from sd_deploy.engine_dir.layout import COMPONENTS
+from sd_deploy.engine_dir.libraries import import_optional
 from sd_deploy.engine_dir.manifest import Manifest, read_manifest
 from sd_deploy.engine_dir.plans import (
     Fresh,
@@ -39,7 +41,6 @@ from sd_deploy.engine_dir.plans import (
 from sd_deploy.engine_dir.shapes import ProfileShapes, build_ranges, check_within, wanted_profile
 from sd_deploy.errors import BuildError, EngineDirError, first_line
 
-INSTALL_HINT = "pip install 'sd-deploy[trt]' on a machine with an NVIDIA GPU"
 DEFAULT_TIMING_CACHE = "tensorrt_timing.cache"
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -106,24 +107,17 @@ def resolve_components(names: Sequence[str], manifest: Manifest, engine_dir: Pat
 
 def import_builder() -> dict[str, Any]:
     """The TensorRT and Polygraphy entry points the build uses, or a one-line BuildError."""
-    try:
-        import tensorrt
-    except ImportError:
-        raise BuildError(f"the tensorrt library is not installed ({INSTALL_HINT})") from None
-    except OSError as exc:
-        raise BuildError(f"tensorrt cannot be loaded: {exc}") from None
-    try:
-        from polygraphy.backend.trt import (
-            CreateConfig,
-            NetworkFromOnnxPath,
-            Profile,
-            engine_from_network,
-            save_engine,
-        )
-        from polygraphy.exception import PolygraphyException
-        from polygraphy.logger import G_LOGGER
-    except ImportError:
-        raise BuildError(f"polygraphy is not installed ({INSTALL_HINT})") from None
+    tensorrt = import_optional("tensorrt", "the tensorrt library")
+    backend = import_optional("polygraphy.backend.trt", "polygraphy")
+    exception = import_optional("polygraphy.exception", "polygraphy")
+    logger = import_optional("polygraphy.logger", "polygraphy")
+    CreateConfig = backend.CreateConfig
+    NetworkFromOnnxPath = backend.NetworkFromOnnxPath
+    Profile = backend.Profile
+    engine_from_network = backend.engine_from_network
+    save_engine = backend.save_engine
+    PolygraphyException = exception.PolygraphyException
+    G_LOGGER = logger.G_LOGGER
     return {
         "trt": tensorrt,
         "CreateConfig": CreateConfig,
@@ -214,9 +208,11 @@ def build_engines(
         profiles[name] = profile
 
     lib = import_builder()
-    from sd_deploy.runtime.backends.tensorrt import current_environment
+    # engines -> runtime.backends, the one allowed edge: a plan's metadata must record the
+    # TensorRT version and GPU exactly as the runtime reads them before loading it.
+    from sd_deploy.runtime.backends import tensorrt_cuda
 
-    current = current_environment()
+    current = tensorrt_cuda.current_environment()
     cache = Path(timing_cache) if timing_cache is not None else root / DEFAULT_TIMING_CACHE
     flags = {
         "optimization_level": optimization_level,
@@ -306,7 +302,6 @@ def _build_one(
     which the next run sees as stale, never a new plan described by old metadata.
     """
     onnx = root / onnx_rel
-    tmp = plan.with_name(f".{plan.name}.tmp-{os.getpid()}")
     try:
         plan.parent.mkdir(parents=True, exist_ok=True)
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -314,12 +309,12 @@ def _build_one(
         raise EngineDirError(f"cannot write into {plan.parent}: {exc.strerror or exc}") from None
     start = time.perf_counter()
     try:
-        build_plan(lib, onnx, profile, tmp, cache, optimization_level, workspace)
-        if not tmp.is_file() or tmp.stat().st_size == 0:
-            raise BuildError(f"building {name} produced no plan file")
-        with contextlib.suppress(FileNotFoundError):
-            plan_metadata_path(plan).unlink()
-        os.replace(tmp, plan)
+        with replacing(plan) as tmp:
+            build_plan(lib, onnx, profile, tmp, cache, optimization_level, workspace)
+            if not tmp.is_file() or tmp.stat().st_size == 0:
+                raise BuildError(f"building {name} produced no plan file")
+            with contextlib.suppress(FileNotFoundError):
+                plan_metadata_path(plan).unlink()
     except lib["PolygraphyException"] as exc:
         raise BuildError(
             f"building {name} from {relative(onnx, root)} failed: {first_line(exc)}"
@@ -328,9 +323,15 @@ def _build_one(
         raise BuildError(
             f"building {name} from {relative(onnx, root)} failed: {first_line(exc)}"
         ) from None
+    except TypeError as exc:
+        # pybind11's "factory function returned nullptr": libnvinfer could not make a
+        # Builder (no usable GPU or TensorRT libraries). Any other TypeError is a bug.
+        if "returned nullptr" not in str(exc):
+            raise
+        raise BuildError(
+            f"building {name} from {relative(onnx, root)} failed: TensorRT could not create "
+            f"its builder ({first_line(exc)}; is libnvinfer a real TensorRT with a GPU?)"
+        ) from None
     except OSError as exc:
         raise BuildError(f"cannot write {plan}: {exc.strerror or exc}") from None
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
     return time.perf_counter() - start

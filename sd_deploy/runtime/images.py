@@ -7,15 +7,15 @@ ComfyUI importers, civitai) read: prompt, "Negative prompt: ...", then
 
 from __future__ import annotations
 
-import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from sd_deploy.engine_dir.atomic import replacing
 from sd_deploy.errors import RequestError, UserError
 
 
@@ -59,7 +59,7 @@ def parameters_text(params: Mapping[str, Any]) -> str:
         "CFG scale": params.get("guidance"),
         "Seed": params.get("seed"),
         "Size": f"{params.get('width')}x{params.get('height')}",
-        "Denoising strength": params.get("strength") if params.get("init_image") else None,
+        "Denoising strength": params.get("strength"),
         "Model": params.get("model"),
         "Backend": params.get("backend"),
     }
@@ -81,16 +81,40 @@ def check_writable_dir(directory: str | Path) -> Path:
     return directory
 
 
-def save_png(image: np.ndarray, path: str | Path, params: Mapping[str, Any]) -> Path:
-    """Write one HxWx3 uint8 image with its parameters chunk, atomically."""
+def output_paths(out: str | Path, seeds: Sequence[int], overwrite: bool = False) -> list[Path]:
+    """Where the images of one call go, checked before any work.
+
+    `out` ending in .png names the file (a batch gets NAME-0.png, NAME-1.png, ...), which
+    must not exist unless `overwrite`; anything else is a folder, created if needed, where
+    image i is NNNNN-SEED.png numbered past the highest already there (never overwrites)."""
+    out = Path(out)
+    if out.suffix.lower() == ".png" and not out.is_dir():
+        if len(seeds) == 1:
+            paths = [out]
+        else:
+            paths = [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(len(seeds))]
+        check_writable_dir(out.parent)
+        taken = [p for p in paths if p.exists()]
+        if taken and not overwrite:
+            raise UserError(f"{taken[0]} exists (pass --overwrite to replace it)")
+        directories = [p for p in taken if p.is_dir()]
+        if directories:
+            raise UserError(f"{directories[0]} is a directory, not a PNG file")
+        return paths
+    folder = check_writable_dir(out)
+    numbers = [int(p.name[:5]) for p in folder.glob("[0-9][0-9][0-9][0-9][0-9]-*.png")]
+    first = max(numbers, default=0) + 1
+    return [folder / f"{first + i:05d}-{seed}.png" for i, seed in enumerate(seeds)]
+
+
+def save_png(image: np.ndarray, path: str | Path, parameters: str) -> Path:
+    """Write one HxWx3 uint8 image with its A1111 "parameters" text chunk, atomically."""
     path = Path(path)
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters_text(params))
-    tmp = path.with_name(f".{path.name}.partial")
+    info.add_text("parameters", parameters)
     try:
-        Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            Image.fromarray(image).save(tmp, format="PNG", pnginfo=info)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {path} ({exc.strerror or exc})") from None
     return path

@@ -7,74 +7,62 @@
 
 Thread safety: a Pipeline holds backend sessions and no per-request state, but the
 sessions of some backends are not safe to run concurrently; use one Pipeline per
-thread (or serialise calls). Requests never share random state: image i of a
-request with seed s is drawn from its own generator seeded s + i, so any image can
-be reproduced alone.
+thread, or serialise calls to one. Requests never share random state: image i of a
+request with seed s is drawn from its own generator seeded s + i, so any image can be
+reproduced alone, and `generate_many` can batch several callers' requests together.
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from sd_deploy.engine_dir import shapes
+from sd_deploy.engine_dir.layout import export_command, needed_components
 from sd_deploy.engine_dir.manifest import Manifest, read_manifest
-from sd_deploy.errors import NonFiniteOutputError, RequestError
+from sd_deploy.errors import GenerationCancelled, NonFiniteOutputError, RequestError
 from sd_deploy.runtime.backends import Backend, ComponentSession, select_backend
 from sd_deploy.runtime.images import prepare_init_image, to_uint8
+from sd_deploy.runtime.request import (
+    BackendOptions,
+    GenerationRequest,
+    GenerationResult,
+    ImageParameters,
+    ProgressCallback,
+    ResolvedRequest,
+)
 from sd_deploy.runtime.schedulers import img2img_timesteps, make_scheduler
 from sd_deploy.runtime.tokenizer import CLIPTokenizer
 
-# step index (0-based), total steps, timestep
-ProgressCallback = Callable[[int, int, float], None]
+# numpy's generators take any non-negative int; A1111 seeds are 32-bit, ours may be 63-bit.
+MAX_SEED = 2**63 - 1
 
 
-@dataclass
-class GenerationRequest:
-    """One call's worth of work. None means "the engine dir's default"."""
+@dataclass(frozen=True)
+class _Row:
+    """One image of a batched generation: its own prompt pair, seed and init image."""
 
-    prompt: str | Sequence[str]
-    negative_prompt: str | Sequence[str] = ""
-    height: int | None = None
-    width: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
-    sampler: str | None = None
-    seed: int | None = None
-    batch: int = 1
-    init_image: np.ndarray | Image.Image | None = None
-    strength: float = 0.8
-    # Starting latents [B,C,h,w] instead of seeded noise: parity tests and benchmarks
-    # feed PyTorch and the engines the same noise this way.
-    initial_noise: np.ndarray | None = None
+    prompt: str
+    negative_prompt: str
+    seed: int
+    init_image: np.ndarray | None
 
 
-@dataclass
-class GenerationResult:
-    images: np.ndarray  # [B, H, W, 3] uint8
-    parameters: list[dict[str, Any]]
-    # Seconds spent inside each component's backend calls, plus the whole call.
-    timings: dict[str, float] = field(default_factory=dict)
-
-    def pil_images(self) -> list[Image.Image]:
-        return [Image.fromarray(image) for image in self.images]
+def _rows(requests: Sequence[ResolvedRequest]) -> list[_Row]:
+    return [
+        _Row(r.prompt, r.negative_prompt, r.seed + i, r.init_image)
+        for r in requests
+        for i in range(r.batch)
+    ]
 
 
-def _as_list(value: str | Sequence[str], batch: int, what: str) -> list[str]:
-    if isinstance(value, str):
-        return [value] * batch
-    values = list(value)
-    if len(values) == 1:
-        return values * batch
-    if len(values) != batch:
-        raise RequestError(f"{len(values)} {what}s for a batch of {batch}")
-    return values
+def _is_int(value: object) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 class Pipeline:
@@ -84,20 +72,20 @@ class Pipeline:
         self,
         engine_dir: str | Path,
         backend: str | Backend = "auto",
+        options: BackendOptions | None = None,
         keep_loaded: bool = True,
-        threads: int | None = None,
-        graph_cache: bool = True,
     ) -> None:
-        """`keep_loaded=False` frees each component as soon as a generation is done with
-        it, so at most one is resident at a time: the lowest peak memory for one-shot use
-        (sd-run), at the price of reloading every component on the next call. When `backend`
-        is a name, `threads` and `graph_cache` go to ONNX Runtime (select_backend)."""
+        """`backend`: a name (`sd-run --help` lists them; "auto" picks and says why) or a
+        Backend object. `keep_loaded=False` frees each component as soon as a generation is
+        done with it, so at most one is resident at a time: the lowest peak memory for
+        one-shot use (sd-run), at the price of reloading every component on the next call."""
         self.engine_dir = Path(engine_dir)
         self.keep_loaded = keep_loaded
+        self.options = options or BackendOptions()
         self.manifest: Manifest = read_manifest(self.engine_dir)
         if isinstance(backend, str):
             self.backend, self.backend_reason = select_backend(
-                backend, self.engine_dir, self.manifest, threads=threads, graph_cache=graph_cache
+                backend, self.engine_dir, self.manifest, self.options
             )
         else:
             self.backend, self.backend_reason = backend, "given"
@@ -106,17 +94,27 @@ class Pipeline:
             self.engine_dir / tok.path, max_length=tok.max_length, pad_token_id=tok.pad_token_id
         )
         self._sessions: dict[str, ComponentSession] = {}
-        self.timings: dict[str, float] = {}
+        self.timings: dict[str, float] = {}  # seconds each component took to load
+
+    @property
+    def backend_name(self) -> str:
+        return self.backend.name
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # -- components ---------------------------------------------------------------------
 
-    def session(self, name: str) -> ComponentSession:
+    def _session(self, name: str) -> ComponentSession:
         """The component's session, loaded on first use (vae_encoder only for img2img)."""
         if name not in self._sessions:
             spec = self.manifest.components.get(name)
             if spec is None:
                 raise RequestError(
-                    f"{self.engine_dir} has no {name} (export it: sd-export --component {name})"
+                    f"{self.engine_dir} has no {name} (export it: {export_command(name)})"
                 )
             start = time.perf_counter()
             self._sessions[name] = self.backend.open(self.engine_dir, spec)
@@ -126,17 +124,22 @@ class Pipeline:
     def load_all(self) -> None:
         """Load every component now (otherwise loading happens on first use)."""
         for name in self.manifest.components:
-            self.session(name)
+            self._session(name)
 
-    def run(
-        self, name: str, timings: dict[str, float], last: bool = False, **inputs: np.ndarray
+    def run_component(self, name: str, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run one component on its own, inputs cast to the manifest's dtypes and outputs
+        checked for NaN/Inf: the lower-level call parity checks and benchmarks use."""
+        return self._run(name, {}, False, inputs)
+
+    def _run(
+        self, name: str, timings: dict[str, float], last: bool, inputs: Mapping[str, np.ndarray]
     ) -> dict[str, np.ndarray]:
         """Run a component with inputs cast to its declared dtypes; refuse NaN/Inf outputs.
 
         `last`: the generation needs the component no more after this call, so its
         scratch memory goes back and, unless components stay loaded, the component too."""
         start = time.perf_counter()
-        session = self.session(name)
+        session = self._session(name)
         timings["load"] = timings.get("load", 0.0) + time.perf_counter() - start
         feeds = {
             s.name: np.ascontiguousarray(inputs[s.name], dtype=s.dtype) for s in session.spec.inputs
@@ -144,8 +147,8 @@ class Pipeline:
         start = time.perf_counter()
         outputs = session.run(feeds, release_scratch=last)
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
-        if last:
-            self.done_with(name)
+        if last and not self.keep_loaded:
+            self._sessions.pop(name).close()
         for key, value in outputs.items():
             if not np.isfinite(value).all():
                 raise NonFiniteOutputError(
@@ -153,151 +156,294 @@ class Pipeline:
                 )
         return outputs
 
-    def done_with(self, name: str) -> None:
-        """This generation needs `name` no more: free it unless components stay loaded."""
-        if not self.keep_loaded and name in self._sessions:
-            self._sessions.pop(name).close()
-
     def close(self) -> None:
         for session in self._sessions.values():
             session.close()
         self._sessions.clear()
 
-    # -- generation -----------------------------------------------------------------------
+    # -- requests ---------------------------------------------------------------------------
 
-    def resolve(self, request: GenerationRequest) -> dict[str, Any]:
+    def validate(self, request: GenerationRequest) -> ResolvedRequest:
         """Fill defaults from the manifest and refuse impossible requests before any work."""
         m, sched = self.manifest.model, self.manifest.scheduler
-        height = request.height
-        width = request.width
-        if request.init_image is not None and (height is None or width is None):
-            h0, w0 = np.asarray(request.init_image).shape[:2]
-            height = height or h0 // 8 * 8
-            width = width or w0 // 8 * 8
-        p: dict[str, Any] = {
-            "height": int(height or m.default_height),
-            "width": int(width or m.default_width),
-            "steps": request.steps if request.steps is not None else sched.get("default_steps", 30),
-            "guidance": float(
-                request.guidance
-                if request.guidance is not None
-                else sched.get("default_guidance", 7.5)
-            ),
-            "sampler": request.sampler or sched.get("default_sampler", "euler_a"),
-            "seed": int(request.seed)
-            if request.seed is not None
-            else int(np.random.SeedSequence().entropy % (2**31)),  # type: ignore[operator]
-            "batch": int(request.batch),
-        }
-        if not isinstance(p["steps"], int) or p["steps"] < 1:
-            raise RequestError(f"steps must be an integer >= 1, got {p['steps']!r}")
-        if not np.isfinite(p["guidance"]) or p["guidance"] < 0:
-            raise RequestError(f"guidance must be >= 0, got {p['guidance']}")
-        if p["batch"] < 1:
-            raise RequestError(f"batch must be >= 1, got {p['batch']}")
-        if request.init_image is not None and not 0.0 < request.strength <= 1.0:
-            raise RequestError(f"strength must be in (0, 1], got {request.strength}")
-        make_scheduler(p["sampler"], sched)  # unknown sampler -> one-line error listing names
-        needed = ["text_encoder", "unet", "vae_decoder"]
+        if not isinstance(request.prompt, str):
+            raise RequestError(f"prompt must be a string, got {type(request.prompt).__name__}")
+        if not isinstance(request.negative_prompt, str):
+            raise RequestError(
+                f"negative_prompt must be a string, got {type(request.negative_prompt).__name__}"
+            )
+        init = None
         if request.init_image is not None:
-            needed.append("vae_encoder")
-        for name in needed:
-            spec = self.manifest.components.get(name)
-            if spec is None:
+            init = np.asarray(request.init_image)
+            if init.dtype != np.uint8 or init.ndim != 3 or init.shape[2] != 3 or not init.size:
                 raise RequestError(
-                    f"{self.engine_dir} has no {name} (export it: sd-export --component {name})"
+                    f"init_image must be an HxWx3 uint8 RGB array, got {init.dtype} {init.shape}"
                 )
-            shapes.check_request(spec.shape_ranges, p["batch"], p["height"], p["width"], name)
-        self.backend.check_request(p["batch"], p["height"], p["width"], p["guidance"] > 1.0)
-        return p
+        height, width = request.height, request.width
+        if init is not None:
+            height = height or init.shape[0] // 8 * 8
+            width = width or init.shape[1] // 8 * 8
+        height = m.default_height if height is None else height
+        width = m.default_width if width is None else width
+        steps = sched.get("default_steps", 30) if request.steps is None else request.steps
+        guidance = (
+            sched.get("default_guidance", 7.5) if request.guidance is None else request.guidance
+        )
+        sampler = request.sampler or sched.get("default_sampler", "euler_a")
+        for what, value in (("width", width), ("height", height), ("batch", request.batch)):
+            if not _is_int(value):
+                raise RequestError(f"{what} must be an integer, got {value!r}")
+        if not _is_int(steps) or steps < 1:
+            raise RequestError(f"steps must be an integer >= 1, got {steps!r}")
+        if not isinstance(guidance, int | float) or not np.isfinite(guidance) or guidance < 0:
+            raise RequestError(f"guidance must be a finite number >= 0, got {guidance!r}")
+        if request.batch < 1:
+            raise RequestError(f"batch must be >= 1, got {request.batch}")
+        seed = request.seed
+        if seed is not None and not _is_int(seed):
+            raise RequestError(f"seed must be an integer, got {seed!r}")
+        if seed is None or seed < 0:
+            seed = int(np.random.SeedSequence().entropy % (2**31))  # type: ignore[operator]
+        if seed + request.batch - 1 > MAX_SEED:
+            raise RequestError(f"seed must be at most {MAX_SEED - request.batch + 1}, got {seed}")
+        strength = None
+        if init is not None:
+            if not isinstance(request.strength, int | float) or not 0.0 < request.strength <= 1.0:
+                raise RequestError(f"strength must be in (0, 1], got {request.strength!r}")
+            strength = float(request.strength)
+        make_scheduler(sampler, sched)  # unknown sampler -> one-line error listing names
+        self._check_size(int(request.batch), int(height), int(width), float(guidance) > 1.0, init)
+        return ResolvedRequest(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            width=int(width),
+            height=int(height),
+            steps=int(steps),
+            guidance=float(guidance),
+            sampler=sampler,
+            seed=int(seed),
+            batch=int(request.batch),
+            init_image=init,
+            strength=strength,
+        )
+
+    def _check_size(
+        self, batch: int, height: int, width: int, guided: bool, init: np.ndarray | None
+    ) -> None:
+        """Refuse a batch or size outside what the engine dir (and the backend) can run."""
+        needed = needed_components(init is not None)
+        for name in needed:
+            if name not in self.manifest.components:
+                raise RequestError(
+                    f"{self.engine_dir} has no {name} (export it: {export_command(name)})"
+                )
+        ranges = shapes.request_ranges(self.manifest, needed)
+        shapes.check_request(ranges, batch, height, width, f"the engine dir {self.engine_dir}")
+        self.backend.check_request(batch, height, width, guided)
+
+    # -- generation -----------------------------------------------------------------------
 
     def generate(
-        self, request: GenerationRequest, progress: ProgressCallback | None = None
+        self,
+        request: GenerationRequest,
+        progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
     ) -> GenerationResult:
-        """Make `request.batch` images; see the module docstring for reproducibility."""
+        """Make `request.batch` images. `progress(step, steps)` is called after each step;
+        returning False (or setting `cancel`) stops at the next step with
+        GenerationCancelled."""
         start = time.perf_counter()
-        p = self.resolve(request)
-        batch, guided = p["batch"], p["guidance"] > 1.0
-        prompts = _as_list(request.prompt, batch, "prompt")
-        negatives = _as_list(request.negative_prompt, batch, "negative prompt")
+        resolved = self.validate(request)
+        result = self._generate(resolved, _rows([resolved]), progress, cancel, None)
+        result.timings["total"] = time.perf_counter() - start
+        return result
+
+    def generate_many(
+        self,
+        requests: Sequence[GenerationRequest],
+        progress: ProgressCallback | None = None,
+        cancel: threading.Event | None = None,
+    ) -> list[GenerationResult]:
+        """One result per request, in order. Requests with the same `batch_key()` (size,
+        steps, sampler, guidance, strength) run as one batched generation, split only where
+        the engines' batch range ends; each request keeps its own prompts and seeds, so each
+        image is the one the request gives alone (to within the backend's batch invariance:
+        docs/runtime-api.md). Every request is validated before any work."""
+        start = time.perf_counter()
+        resolved = [self.validate(r) for r in requests]
+        groups: dict[tuple[object, ...], list[int]] = {}
+        for index, r in enumerate(resolved):
+            groups.setdefault(r.batch_key(), []).append(index)
+        results: list[GenerationResult | None] = [None] * len(resolved)
+        for indices in groups.values():
+            for chunk in self._fit_batches([resolved[i] for i in indices], indices):
+                batch = [resolved[i] for i in chunk]
+                merged = self._generate(batch[0], _rows(batch), progress, cancel, None)
+                offset = 0
+                for i in chunk:
+                    n = resolved[i].batch
+                    results[i] = GenerationResult(
+                        merged.images[offset : offset + n],
+                        merged.parameters[offset : offset + n],
+                        dict(merged.timings),
+                    )
+                    offset += n
+        total = time.perf_counter() - start
+        done = [r for r in results if r is not None]
+        for r in done:
+            r.timings["total"] = total
+        return done
+
+    def _fit_batches(
+        self, group: Sequence[ResolvedRequest], indices: Sequence[int]
+    ) -> list[list[int]]:
+        """Split a group of compatible requests into batches the engines can take whole."""
+        first = group[0]
+        needed = needed_components(first.init_image is not None)
+        limit = shapes.request_ranges(self.manifest, needed).batch.max
+        while limit > 1:  # a backend's own limit (a TensorRT profile) may be lower
+            try:
+                self.backend.check_request(limit, first.height, first.width, first.guided)
+                break
+            except RequestError:
+                limit -= 1
+        chunks: list[list[int]] = [[]]
+        size = 0
+        for index, r in zip(indices, group, strict=True):
+            if chunks[-1] and size + r.batch > limit:
+                chunks.append([])
+                size = 0
+            chunks[-1].append(index)
+            size += r.batch
+        return chunks
+
+    def generate_from_noise(
+        self,
+        requests: GenerationRequest | Sequence[GenerationRequest],
+        initial_noise: np.ndarray,
+        progress: ProgressCallback | None = None,
+    ) -> GenerationResult:
+        """Requests of one `batch_key()` as one batch starting from given latents [B, C, h, w]
+        instead of seeded noise: parity tests and benchmarks feed PyTorch and the engines the
+        same noise this way (later noise, for ancestral samplers and img2img, still comes
+        from the seeds)."""
+        start = time.perf_counter()
+        if isinstance(requests, GenerationRequest):
+            requests = [requests]
+        resolved = [self.validate(r) for r in requests]
+        if len({r.batch_key() for r in resolved}) != 1:
+            raise RequestError("requests given one initial noise must agree on size and sampling")
+        result = self._generate(resolved[0], _rows(resolved), progress, None, initial_noise)
+        result.timings["total"] = time.perf_counter() - start
+        return result
+
+    def _generate(
+        self,
+        common: ResolvedRequest,
+        rows: Sequence[_Row],
+        progress: ProgressCallback | None,
+        cancel: threading.Event | None,
+        initial_noise: np.ndarray | None,
+    ) -> GenerationResult:
+        """The sampler loop over `rows`, which share `common`'s size, steps, sampler,
+        guidance and strength."""
+        start = time.perf_counter()
+        batch, guided = len(rows), common.guided
         timings: dict[str, float] = {}
         m = self.manifest.model
         latent_shape = (
             m.latent_channels,
-            p["height"] // m.vae_scale_factor,
-            p["width"] // m.vae_scale_factor,
+            common.height // m.vae_scale_factor,
+            common.width // m.vae_scale_factor,
         )
-        rngs = [np.random.default_rng(p["seed"] + i) for i in range(batch)]
+        rngs = [np.random.default_rng(row.seed) for row in rows]
 
         def noise() -> np.ndarray:
             return np.stack([r.standard_normal(latent_shape, dtype=np.float32) for r in rngs])
 
-        # Encoded apart so that a truncation warning's "prompt i" is the caller's index.
-        ids = self.tokenizer.encode(prompts)
-        if guided:
-            ids = np.concatenate([self.tokenizer.encode(negatives), ids])
-        context = self.run("text_encoder", timings, last=True, input_ids=ids)["text_embeddings"]
+        def stop_requested(step: int) -> None:
+            if cancel is not None and cancel.is_set():
+                raise GenerationCancelled(f"generation cancelled before step {step + 1}")
 
-        scheduler = make_scheduler(p["sampler"], self.manifest.scheduler)
-        if request.init_image is None:
-            scheduler.set_timesteps(p["steps"])
+        if initial_noise is not None:
+            initial_noise = np.asarray(initial_noise, np.float32)
+            if initial_noise.shape != (batch, *latent_shape):
+                want = (batch, *latent_shape)
+                raise RequestError(
+                    f"initial noise has shape {initial_noise.shape}, expected {want}"
+                )
+
+        stop_requested(0)
+        ids = self.tokenizer.encode([row.prompt for row in rows])
+        if guided:
+            ids = np.concatenate([self.tokenizer.encode([r.negative_prompt for r in rows]), ids])
+        context = self._run("text_encoder", timings, True, {"input_ids": ids})["text_embeddings"]
+
+        scheduler = make_scheduler(common.sampler, self.manifest.scheduler)
+        if common.strength is None:
+            scheduler.set_timesteps(common.steps)
             timesteps = scheduler.timesteps
-            if request.initial_noise is not None:
-                latents = np.asarray(request.initial_noise, np.float32)
-                if latents.shape != (batch, *latent_shape):
-                    want = (batch, *latent_shape)
-                    raise RequestError(f"initial noise has shape {latents.shape}, expected {want}")
-            else:
-                latents = noise()
+            latents = initial_noise if initial_noise is not None else noise()
             latents = latents * np.float32(scheduler.init_noise_sigma)
         else:
-            image = prepare_init_image(request.init_image, p["width"], p["height"])
-            batched = np.repeat(image, batch, axis=0)
-            enc = self.run("vae_encoder", timings, last=True, images=batched)
+            images = np.concatenate(
+                [
+                    prepare_init_image(row.init_image, common.width, common.height)
+                    for row in rows
+                    if row.init_image is not None
+                ]
+            )
+            enc = self._run("vae_encoder", timings, True, {"images": images})
             init = (
                 enc["latent_mean"].astype(np.float32)
                 + enc["latent_std"].astype(np.float32) * noise()
             )
-            timesteps, _ = img2img_timesteps(scheduler, p["steps"], request.strength)
-            start_noise = request.initial_noise if request.initial_noise is not None else noise()
-            latents = scheduler.add_noise(init, np.asarray(start_noise, np.float32), timesteps[0])
-            p["strength"] = request.strength
+            timesteps, _ = img2img_timesteps(scheduler, common.steps, common.strength)
+            start_noise = initial_noise if initial_noise is not None else noise()
+            latents = scheduler.add_noise(init, start_noise, timesteps[0])
 
         for i, t in enumerate(timesteps):
+            stop_requested(i)
             model_in = scheduler.scale_model_input(latents, t)
             if guided:
                 model_in = np.concatenate([model_in, model_in])
-            out = self.run(
+            out = self._run(
                 "unet",
                 timings,
-                last=i == len(timesteps) - 1,
-                sample=model_in,
-                timestep=np.full(model_in.shape[0], t, np.float32),
-                encoder_hidden_states=context,
+                i == len(timesteps) - 1,
+                {
+                    "sample": model_in,
+                    "timestep": np.full(model_in.shape[0], t, np.float32),
+                    "encoder_hidden_states": context,
+                },
             )["model_output"].astype(np.float32)
             if guided:
                 uncond, cond = np.split(out, 2)
-                out = uncond + np.float32(p["guidance"]) * (cond - uncond)
+                out = uncond + np.float32(common.guidance) * (cond - uncond)
             latents = scheduler.step(out, t, latents, noise=noise()).astype(np.float32)
-            if progress is not None:
-                progress(i, len(timesteps), float(t))
+            if progress is not None and progress(i, len(timesteps)) is False:
+                raise GenerationCancelled(f"generation cancelled after step {i + 1}")
 
-        images = self.run("vae_decoder", timings, last=True, latent=latents)["images"]
+        images = self._run("vae_decoder", timings, True, {"latent": latents})["images"]
         timings["total"] = time.perf_counter() - start
         # Tokenizer, scheduler math, noise, casts: the runtime's own cost per call.
         timings["outside_backend"] = timings["total"] - sum(
             v for k, v in timings.items() if k in self.manifest.components or k == "load"
         )
         params = [
-            {
-                **p,
-                "prompt": prompts[i],
-                "negative_prompt": negatives[i],
-                "seed": p["seed"] + i,
-                "init_image": request.init_image is not None,
-                "model": self.manifest.model.family,
-                "backend": self.backend.name,
-            }
-            for i in range(batch)
+            ImageParameters(
+                prompt=row.prompt,
+                negative_prompt=row.negative_prompt,
+                seed=row.seed,
+                steps=common.steps,
+                sampler=common.sampler,
+                guidance=common.guidance,
+                width=common.width,
+                height=common.height,
+                strength=common.strength,
+                model=m.family,
+                backend=self.backend.name,
+            )
+            for row in rows
         ]
         return GenerationResult(to_uint8(images), params, timings)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import json
+import os
+import stat
 
 import numpy as np
 import onnx
@@ -108,6 +110,29 @@ def test_external_data_is_one_file_and_validates(tmp_path, tiny_models, monkeypa
         "model.onnx_data",
     ]
     assert spec.validation["max_rel_l2"] <= 1e-4
+
+
+def test_every_file_written_honours_the_umask(tmp_path, tiny_models, monkeypatch):
+    """A service running as another user must be able to read an engine dir: no 0600 files
+    (safetensors, tempfile and external-data writers create them) whatever the umask."""
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)  # model.onnx_data too
+    old = os.umask(0o027)
+    try:
+        export_engine_dir(tiny_models, tmp_path / "e", components=["vae_decoder"], progress=False)
+    finally:
+        os.umask(old)
+    modes = {
+        p.relative_to(tmp_path).as_posix(): stat.S_IMODE(p.stat().st_mode)
+        for p in (tmp_path / "e").rglob("*")
+    }
+    assert "e/vae_decoder/model.onnx_data" in modes and "e/manifest.json" in modes
+    wrong = {
+        name: oct(mode)
+        for name, mode in modes.items()
+        if mode != (0o750 if (tmp_path / name).is_dir() else 0o640)
+    }
+    assert not wrong
+    assert stat.S_IMODE((tmp_path / "e").stat().st_mode) == 0o750
 
 
 def test_update_keeps_other_components_of_the_same_model(tmp_path, tiny_models):

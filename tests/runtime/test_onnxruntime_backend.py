@@ -8,6 +8,7 @@ import pytest
 
 from sd_deploy.engine_dir.manifest import read_manifest
 from sd_deploy.errors import UserError
+from sd_deploy.runtime import BackendOptions
 from sd_deploy.runtime.backends import select_backend
 from sd_deploy.runtime.backends.onnxruntime import ARENA_SHRINKAGE, OnnxRuntimeBackend
 
@@ -18,7 +19,9 @@ def manifest(tiny_engine_fp32):
 
 
 def test_sessions_use_the_threads_asked_for_and_the_cpu_arena(tiny_engine_fp32, manifest):
-    backend, reason = select_backend("onnxruntime-cpu", tiny_engine_fp32, manifest, threads=1)
+    backend, reason = select_backend(
+        "onnxruntime-cpu", tiny_engine_fp32, manifest, BackendOptions(threads=1)
+    )
     assert reason == "requested --backend onnxruntime-cpu"
     session = backend.open(tiny_engine_fp32, manifest.components["text_encoder"])
     options = session.session.get_session_options()
@@ -31,7 +34,7 @@ def test_sessions_use_the_threads_asked_for_and_the_cpu_arena(tiny_engine_fp32, 
 
 def test_bad_thread_count_is_refused(tiny_engine_fp32, manifest):
     with pytest.raises(UserError, match="threads must be >= 1, got 0"):
-        select_backend("auto", tiny_engine_fp32, manifest, threads=0)
+        select_backend("auto", tiny_engine_fp32, manifest, BackendOptions(threads=0))
 
 
 def test_release_scratch_shrinks_the_cpu_arena_after_the_run(tiny_engine_fp32, manifest):

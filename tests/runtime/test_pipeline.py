@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import threading
+
 import numpy as np
 import pytest
 
 from sd_deploy.benchmarks.torch_backend import TorchBackend
-from sd_deploy.errors import NonFiniteOutputError, RequestError
+from sd_deploy.errors import ErrorCode, GenerationCancelled, NonFiniteOutputError, RequestError
 from sd_deploy.metrics import psnr
+from sd_deploy.runtime import GenerationRequest, Pipeline, ResolvedRequest
 from sd_deploy.runtime.backends.base import Backend, ComponentSession
-from sd_deploy.runtime.pipeline import GenerationRequest, Pipeline
 
 SAMPLERS = ["euler_a", "ddim", "dpmpp_2m_karras", "unipc", "plms"]
 
@@ -31,7 +34,7 @@ def torch_pipe(tiny_engine_fp32, tiny_models):
 def noisy_request(**kw) -> GenerationRequest:
     # Random-weight tiny models give near-flat images; a strong init-image signal makes
     # the comparison sensitive (PSNR of flat images would be high whatever happened).
-    defaults = dict(prompt=["a red circle", "a blue star"], seed=7, steps=6, batch=2, guidance=5.0)
+    defaults = dict(prompt="a red circle", seed=7, steps=6, batch=2, guidance=5.0)
     defaults.update(kw)
     return GenerationRequest(**defaults)
 
@@ -42,7 +45,9 @@ def test_fp32_onnxruntime_matches_pytorch(sampler, ort_fp32, torch_pipe):
     got, want = ort_fp32.generate(req), torch_pipe.generate(req)
     # 40 dB on 8-bit images: at most ~1 grey level of difference on average.
     assert psnr(as_float(got.images), as_float(want.images)) >= 40.0
-    assert got.parameters == [dict(p, backend="onnxruntime") for p in want.parameters]
+    assert got.parameters == [
+        dataclasses.replace(p, backend="onnxruntime") for p in want.parameters
+    ]
 
 
 def test_fp16_graphs_stay_within_measured_bound(tiny_engine_fp16, torch_pipe):
@@ -65,16 +70,17 @@ def test_image_i_of_a_batch_is_reproducible_alone(ort_fp32):
     batch = ort_fp32.generate(noisy_request(sampler="euler_a", seed=10, prompt="a cat"))
     alone = ort_fp32.generate(noisy_request(sampler="euler_a", seed=11, batch=1, prompt="a cat"))
     np.testing.assert_array_equal(batch.images[1], alone.images[0])
-    assert batch.parameters[1]["seed"] == 11
+    assert batch.parameters[1].seed == 11
 
 
 def test_initial_noise_and_guidance_one(ort_fp32, torch_pipe):
     noise = np.random.default_rng(0).standard_normal((1, 4, 8, 8)).astype(np.float32)
-    req = GenerationRequest(prompt="x", guidance=1.0, steps=4, initial_noise=noise, seed=0)
-    a, b = ort_fp32.generate(req), torch_pipe.generate(req)
+    req = GenerationRequest(prompt="x", guidance=1.0, steps=4, seed=0)
+    a = ort_fp32.generate_from_noise(req, noise)
+    b = torch_pipe.generate_from_noise(req, noise)
     assert psnr(as_float(a.images), as_float(b.images)) >= 40.0
     with pytest.raises(RequestError, match="initial noise has shape"):
-        ort_fp32.generate(GenerationRequest(prompt="x", initial_noise=noise[:, :2]))
+        ort_fp32.generate_from_noise(GenerationRequest(prompt="x"), noise[:, :2])
 
 
 def test_img2img_matches_pytorch_and_uses_the_image(ort_fp32, torch_pipe):
@@ -83,7 +89,7 @@ def test_img2img_matches_pytorch_and_uses_the_image(ort_fp32, torch_pipe):
     req = noisy_request(init_image=image, strength=0.5, sampler="ddim", steps=10)
     got = ort_fp32.generate(req)
     assert psnr(as_float(got.images), as_float(torch_pipe.generate(req).images)) >= 40.0
-    assert got.parameters[0]["strength"] == 0.5
+    assert got.parameters[0].strength == 0.5
     other = noisy_request(init_image=255 - image, strength=0.5, sampler="ddim", steps=10)
     assert not np.array_equal(ort_fp32.generate(other).images, got.images)
 
@@ -91,7 +97,7 @@ def test_img2img_matches_pytorch_and_uses_the_image(ort_fp32, torch_pipe):
 def test_progress_callback_counts_steps(ort_fp32):
     seen = []
     ort_fp32.generate(
-        noisy_request(steps=5, sampler="ddim"), progress=lambda i, n, t: seen.append((i, n))
+        noisy_request(steps=5, sampler="ddim"), progress=lambda i, n: seen.append((i, n))
     )
     assert seen == [(i, 5) for i in range(5)]
 
@@ -106,15 +112,22 @@ def test_timings_separate_backend_from_runtime_work(ort_fp32):
     ("change", "message"),
     [
         (dict(steps=0), "steps must be an integer >= 1"),
-        (dict(guidance=-1.0), "guidance must be >= 0"),
+        (dict(guidance=-1.0), "guidance must be a finite number >= 0"),
+        (dict(guidance=float("nan")), "guidance must be a finite number >= 0"),
+        (dict(steps=2.5), "steps must be an integer >= 1"),
+        (dict(seed=1.5), "seed must be an integer"),
+        (dict(width="64"), "width must be an integer"),
         (dict(sampler="k_euler"), "unknown sampler 'k_euler'; choose one of: ddim"),
         (dict(height=60), "height 60 is not a multiple of 8"),
-        (dict(width=1024), "width 1024 is outside the 32..128"),
+        (dict(width=1024), "width 1024 is outside the 32..128 the engine dir"),
+        (dict(width=8), "width 8 is outside the 32..128 the engine dir"),
         (dict(batch=5), "batch 5 is outside the 1..4"),
         (dict(batch=0), "batch must be >= 1"),
         (dict(init_image=np.zeros((64, 64, 3), np.uint8), strength=0.0), "strength must be in"),
         (dict(init_image=np.zeros((64, 64, 3), np.uint8), strength=1.5), "strength must be in"),
-        (dict(prompt=["a", "b", "c"]), "3 prompts for a batch of 2"),
+        (dict(prompt=["a", "b"]), "prompt must be a string, got list"),
+        (dict(init_image=np.zeros((64, 64), np.uint8)), "init_image must be an HxWx3 uint8"),
+        (dict(init_image=np.zeros((64, 64, 3), np.float32)), "init_image must be an HxWx3"),
     ],
 )
 def test_bad_requests_are_one_line_errors(change, message, ort_fp32):
@@ -122,6 +135,9 @@ def test_bad_requests_are_one_line_errors(change, message, ort_fp32):
         ort_fp32.generate(noisy_request(**change))
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+    assert info.value.code == ErrorCode.INVALID_ARGUMENT
+    with pytest.raises(RequestError):  # validate refuses the same, before any work
+        ort_fp32.validate(noisy_request(**change))
 
 
 class NaNBackend(Backend):
@@ -218,3 +234,94 @@ def test_each_components_last_call_releases_its_scratch(keep_loaded, tiny_engine
         ("vae_decoder", True),
     ]
     assert (counting.open_now == set(pipe.manifest.components)) == keep_loaded
+
+
+def test_validate_fills_every_default(ort_fp32):
+    resolved = ort_fp32.validate(GenerationRequest(prompt="a cat"))
+    m, sched = ort_fp32.manifest.model, ort_fp32.manifest.scheduler
+    assert isinstance(resolved, ResolvedRequest)
+    assert (resolved.width, resolved.height) == (m.default_width, m.default_height)
+    assert resolved.steps == sched["default_steps"]
+    assert resolved.sampler == sched["default_sampler"]
+    assert resolved.strength is None and resolved.init_image is None
+    assert isinstance(resolved.seed, int) and resolved.seed >= 0
+
+
+@pytest.mark.parametrize("seed", [None, -1, -5])
+def test_negative_or_missing_seed_means_random_and_is_reported(seed, ort_fp32):
+    a = ort_fp32.generate(noisy_request(seed=seed, steps=2, batch=1))
+    b = ort_fp32.generate(noisy_request(seed=seed, steps=2, batch=1))
+    assert a.parameters[0].seed >= 0 and a.parameters[0].seed != b.parameters[0].seed
+    again = ort_fp32.generate(noisy_request(seed=a.parameters[0].seed, steps=2, batch=1))
+    np.testing.assert_array_equal(again.images, a.images)
+
+
+def test_generate_many_batches_compatible_requests_and_matches_each_alone(
+    tiny_engine_fp32, ort_fp32
+):
+    counting = CountingBackend(ort_fp32.backend)
+    pipe = Pipeline(tiny_engine_fp32, backend=counting)
+    requests = [
+        noisy_request(prompt="a red circle", negative_prompt="blur", seed=3, batch=1),
+        noisy_request(prompt="a blue star", seed=40, batch=2),
+        noisy_request(prompt="a square", seed=9, batch=1, steps=4),  # another group
+        noisy_request(prompt="a green star", seed=5, batch=1),
+    ]
+    results = pipe.generate_many(requests)
+    unet_calls = [c for c, _ in counting.calls if c == "unet"]
+    # Two groups: 6 steps for the three compatible requests (4 images), 4 for the other.
+    assert len(unet_calls) == 6 + 4
+    for request, result in zip(requests, results, strict=True):
+        alone = ort_fp32.generate(request)
+        assert result.images.shape == alone.images.shape
+        assert result.parameters == [
+            dataclasses.replace(p, backend="counting") for p in alone.parameters
+        ]
+        # ONNX Runtime CPU is batch-invariant here: the same bytes (docs/runtime-api.md).
+        np.testing.assert_array_equal(result.images, alone.images)
+
+
+def test_generate_many_splits_where_the_batch_range_ends(tiny_engine_fp32, ort_fp32):
+    counting = CountingBackend(ort_fp32.backend)
+    pipe = Pipeline(tiny_engine_fp32, backend=counting)
+    limit = pipe.manifest.components["unet"].shape_ranges.batch.max
+    requests = [noisy_request(seed=i, batch=1, steps=2) for i in range(limit + 1)]
+    results = pipe.generate_many(requests)
+    assert [r.parameters[0].seed for r in results] == list(range(limit + 1))
+    assert len([c for c, _ in counting.calls if c == "unet"]) == 2 * 2
+
+
+def test_generate_many_validates_everything_first(tiny_engine_fp32, ort_fp32):
+    counting = CountingBackend(ort_fp32.backend)
+    pipe = Pipeline(tiny_engine_fp32, backend=counting)
+    with pytest.raises(RequestError, match="steps must be"):
+        pipe.generate_many([noisy_request(), noisy_request(steps=0)])
+    assert counting.calls == []
+
+
+def test_progress_returning_false_cancels_at_the_next_step(ort_fp32):
+    seen = []
+
+    def progress(i, n):
+        seen.append(i)
+        return i < 2
+
+    with pytest.raises(GenerationCancelled, match="after step 3") as info:
+        ort_fp32.generate(noisy_request(steps=6), progress=progress)
+    assert seen == [0, 1, 2] and info.value.code == ErrorCode.CANCELLED
+    # The pipeline is not wedged: the next call runs whole.
+    assert ort_fp32.generate(noisy_request(steps=2)).images.shape[0] == 2
+
+
+def test_cancel_event_stops_the_generation(ort_fp32):
+    event = threading.Event()
+    seen = []
+
+    def progress(i, n):
+        seen.append(i)
+        if i == 1:
+            event.set()
+
+    with pytest.raises(GenerationCancelled, match="before step 3"):
+        ort_fp32.generate(noisy_request(steps=6), progress=progress, cancel=event)
+    assert seen == [0, 1]

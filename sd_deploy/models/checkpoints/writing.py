@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
+from sd_deploy.engine_dir.atomic import replacing
 from sd_deploy.errors import CheckpointError
 from sd_deploy.models.checkpoints.layout import (
     CLIP_PREFIX,
@@ -69,14 +69,7 @@ def save_checkpoint(
     tensors = ldm_state_dict(models, dtype)
     metadata = config_metadata(models.config)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    # safetensors creates the file 0600; `replacing` gives it the umask's mode, as any file.
+    with replacing(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        # safetensors creates the file 0600; a checkpoint is shared like any other file.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path

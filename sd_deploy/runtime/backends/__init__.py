@@ -12,6 +12,7 @@ from pathlib import Path
 from sd_deploy.engine_dir.manifest import Manifest
 from sd_deploy.errors import UserError
 from sd_deploy.runtime.backends.base import Backend, ComponentSession
+from sd_deploy.runtime.request import BackendOptions
 
 BACKEND_NAMES = (
     "auto",
@@ -24,27 +25,25 @@ BACKEND_NAMES = (
 
 
 def select_backend(
-    name: str,
-    engine_dir: Path,
-    manifest: Manifest,
-    threads: int | None = None,
-    graph_cache: bool = True,
+    name: str, engine_dir: Path, manifest: Manifest, options: BackendOptions | None = None
 ) -> tuple[Backend, str]:
     """Backend for `name` plus why it was chosen (shown to the user).
 
     auto: TensorRT when its library, a GPU and up-to-date plans are all present; else
-    ONNX Runtime with CUDA if available, else CPU. `threads` sets ONNX Runtime's
-    intra-op CPU threads (None: its default, one per physical core); `graph_cache`
-    whether it keeps its optimized CPU graphs in the engine dir.
+    ONNX Runtime with CUDA if available, else CPU. `options` (BackendOptions) go to
+    whichever backend is chosen.
     """
-    if threads is not None and threads < 1:
+    options = options or BackendOptions()
+    threads, graph_cache = options.threads, options.graph_cache
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise UserError(f"threads must be >= 1, got {threads}")
     if name not in BACKEND_NAMES:
         raise UserError(f"unknown backend {name!r}; choose from {', '.join(BACKEND_NAMES)}")
     if name == "tensorrt":
         from sd_deploy.runtime.backends.tensorrt import TensorRTBackend
 
-        return TensorRTBackend(engine_dir, manifest), "requested --backend tensorrt"
+        backend = TensorRTBackend(engine_dir, manifest, cuda_graph=options.cuda_graph)
+        return backend, "requested --backend tensorrt"
     if name.startswith("onnxruntime"):
         from sd_deploy.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
@@ -58,7 +57,8 @@ def select_backend(
     if trt_ok:
         from sd_deploy.runtime.backends.tensorrt import TensorRTBackend
 
-        return TensorRTBackend(engine_dir, manifest), f"auto: {trt_reason}"
+        backend = TensorRTBackend(engine_dir, manifest, cuda_graph=options.cuda_graph)
+        return backend, f"auto: {trt_reason}"
     if importlib.util.find_spec("onnxruntime") is None:
         raise UserError(
             f"no usable backend: {trt_reason}, and onnxruntime is not installed "

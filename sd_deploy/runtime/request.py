@@ -1,0 +1,125 @@
+"""The plain types a generation call takes and returns: what every wrapper maps.
+
+A C ABI, a Triton model and an HTTP server all turn their own request format into a
+`GenerationRequest` (plain str/int/float fields and one optional uint8 array), and a
+`GenerationResult` back into theirs. `Pipeline.validate` turns a request into a
+`ResolvedRequest`: every default filled from the engine dir, every impossible value
+refused, before any work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from sd_deploy.runtime.images import parameters_text
+
+# (step index, 0-based; number of steps) -> return False to cancel the generation.
+ProgressCallback = Callable[[int, int], "bool | None"]
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """How the chosen backend runs the graphs.
+
+    threads: CPU threads for ONNX Runtime / OpenVINO (None: the library's default, one
+        per physical core).
+    graph_cache: keep ONNX Runtime's optimized CPU graphs in the engine dir, so later
+        loads skip re-optimizing (~6 s for the SD 1.5 UNet).
+    cuda_graph: TensorRT records the UNet's steps as a CUDA graph and replays them.
+    """
+
+    threads: int | None = None
+    graph_cache: bool = True
+    cuda_graph: bool = False
+
+
+@dataclass
+class GenerationRequest:
+    """One call's worth of work. None means "the engine dir's default".
+
+    Image i of a request uses seed + i, drawn from its own generator, so any image can be
+    made again alone. A seed of None or below 0 (A1111's -1) means a random one, which the
+    result's parameters report. `init_image` (HxWx3 uint8 RGB) turns txt2img into img2img,
+    `strength` in (0, 1] saying how much of it is repainted."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int | None = None
+    height: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    sampler: str | None = None
+    seed: int | None = None
+    batch: int = 1
+    init_image: np.ndarray | None = None
+    strength: float = 0.8
+
+
+@dataclass(frozen=True)
+class ResolvedRequest:
+    """A request with every default filled and every value checked against the engine dir."""
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance: float
+    sampler: str
+    seed: int
+    batch: int
+    init_image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    strength: float | None = None  # None for txt2img
+
+    @property
+    def guided(self) -> bool:
+        """Classifier-free guidance runs (guidance 1 is the conditional prediction alone)."""
+        return self.guidance > 1.0
+
+    def batch_key(self) -> tuple[Any, ...]:
+        """Requests with equal keys can run as one batched generation: same size, steps,
+        sampler, guidance and img2img strength; prompts, seeds and init images may differ."""
+        return (self.width, self.height, self.steps, self.sampler, self.guidance, self.strength)
+
+
+@dataclass(frozen=True)
+class ImageParameters:
+    """What one image was made with: enough to make it again."""
+
+    prompt: str
+    negative_prompt: str
+    seed: int
+    steps: int
+    sampler: str
+    guidance: float
+    width: int
+    height: int
+    strength: float | None
+    model: str
+    backend: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def infotext(self) -> str:
+        """The AUTOMATIC1111-style "parameters" text, as written into PNGs."""
+        return parameters_text(self.to_dict())
+
+
+@dataclass
+class GenerationResult:
+    """Images [B, H, W, 3] uint8, one ImageParameters per image, and seconds spent:
+    per component inside backend calls, `load`, `total`, and `outside_backend` (the
+    runtime's own work: tokenizer, sampler math, noise, casts)."""
+
+    images: np.ndarray
+    parameters: list[ImageParameters]
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def pil_images(self) -> list[Image.Image]:
+        return [Image.fromarray(image) for image in self.images]
