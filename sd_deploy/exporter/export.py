@@ -153,7 +153,7 @@ def write_tokenizer(models: LoadedModels, dest: Path) -> None:
         for name in ("vocab.json", "merges.txt"):
             shutil.copy2(models.tokenizer_dir / name, dest / name)
     else:
-        from sd_deploy.runtime.tokenizer import write_clip_tokenizer_files
+        from sd_deploy.engine_dir.tokenizer_files import write_clip_tokenizer_files
 
         write_clip_tokenizer_files(dest)
 

@@ -35,7 +35,6 @@ assigned in Unicode 14 was checked to give the same ids, alone and in context.
 from __future__ import annotations
 
 import functools
-import gzip
 import heapq
 import json
 import logging
@@ -46,7 +45,20 @@ from pathlib import Path
 import numpy as np
 import regex
 
-from sd_deploy.errors import EngineDirError, ExportError
+from sd_deploy.engine_dir.tokenizer_files import (
+    BOS_TOKEN,
+    BOS_TOKEN_ID,
+    END_OF_WORD,
+    EOS_TOKEN,
+    EOS_TOKEN_ID,
+    MERGES_FILE,
+    SHIPPED_BPE_GZ,
+    VOCAB_FILE,
+    VOCAB_SIZE,
+    bytes_to_unicode,
+    write_clip_tokenizer_files,
+)
+from sd_deploy.errors import EngineDirError
 
 log = logging.getLogger("sd_deploy")
 
@@ -61,21 +73,6 @@ __all__ = [
     "write_clip_tokenizer_files",
 ]
 
-SHIPPED_BPE_GZ = (
-    Path(__file__).resolve().parent.parent / "data" / "clip_bpe" / "bpe_simple_vocab_16e6.txt.gz"
-)
-
-BOS_TOKEN = "<|startoftext|>"
-EOS_TOKEN = "<|endoftext|>"
-BOS_TOKEN_ID = 49406
-EOS_TOKEN_ID = 49407
-VOCAB_SIZE = 49408
-_N_MERGES = VOCAB_SIZE - 2 * 256 - 2  # 48894: lines [1 : 49152 - 256 - 2 + 1] of the gz file
-_END_OF_WORD = "</w>"
-
-VOCAB_FILE = "vocab.json"
-MERGES_FILE = "merges.txt"
-
 # transformers 5 CLIPTokenizer: normalizer Replace(Regex(r"\s+"), " ") and pre-tokenizer
 # Split(pattern, behavior="removed", invert=True), i.e. keep the matches, drop the rest.
 _WHITESPACE = regex.compile(r"\s+")
@@ -84,63 +81,6 @@ _WORD = regex.compile(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N
 _BPE_CACHE_SIZE = 1 << 16
 _CACHED_WORD_CHARS = 128  # longer words are merged every time, not cached
 _PROMPT_SHOWN = 60
-
-
-@functools.cache
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP map from each byte to a printable unicode character."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs), strict=True))
-
-
-def _read_bpe_gz(source_gz: Path) -> list[str]:
-    try:
-        with gzip.open(source_gz, "rt", encoding="utf-8") as f:
-            lines = f.read().split("\n")
-    except (OSError, EOFError, UnicodeDecodeError) as e:
-        raise ExportError(f"cannot read CLIP BPE vocabulary {source_gz}: {e}") from e
-    merges = lines[1 : _N_MERGES + 1]
-    if len(merges) != _N_MERGES or any(len(m.split(" ")) != 2 for m in merges):
-        raise ExportError(
-            f"CLIP BPE vocabulary {source_gz} is not bpe_simple_vocab_16e6.txt "
-            f"(expected {_N_MERGES} merge lines of two tokens after the header)"
-        )
-    return merges
-
-
-def write_clip_tokenizer_files(dest_dir: Path, source_gz: Path | None = None) -> None:
-    """Write `vocab.json` and `merges.txt` of the CLIP tokenizer into `dest_dir`.
-
-    They are derived from the shipped `bpe_simple_vocab_16e6.txt.gz` (or `source_gz`) the way
-    OpenAI's CLIP builds its vocabulary: the 256 byte characters, the same with `</w>`, the
-    48894 merges joined, then `<|startoftext|>` (49406) and `<|endoftext|>` (49407); 49408
-    entries. `merges.txt` starts with a `#version: 0.2` line, as transformers expects.
-    `dest_dir` is created if needed; existing files are overwritten.
-    """
-    source = SHIPPED_BPE_GZ if source_gz is None else Path(source_gz)
-    merges = _read_bpe_gz(source)
-    byte_chars = list(_bytes_to_unicode().values())
-    tokens = byte_chars + [c + _END_OF_WORD for c in byte_chars]
-    tokens += ["".join(m.split(" ")) for m in merges]
-    tokens += [BOS_TOKEN, EOS_TOKEN]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    if len(vocab) != VOCAB_SIZE:
-        raise ExportError(f"CLIP BPE vocabulary {source} gives {len(vocab)} distinct tokens")
-    dest = Path(dest_dir)
-    dest.mkdir(parents=True, exist_ok=True)
-    (dest / VOCAB_FILE).write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (dest / MERGES_FILE).write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
 
 
 def _lowercase(text: str) -> str:
@@ -223,7 +163,7 @@ class CLIPTokenizer:
         for tok in (BOS_TOKEN, EOS_TOKEN):
             if tok not in enc:
                 raise EngineDirError(f"{source}: {VOCAB_FILE} has no {tok} token")
-        missing = [c for c in _bytes_to_unicode().values() if c not in enc or c + "</w>" not in enc]
+        missing = [c for c in bytes_to_unicode().values() if c not in enc or c + "</w>" not in enc]
         if missing:
             raise EngineDirError(f"{source}: {VOCAB_FILE} lacks byte tokens (e.g. {missing[0]!r})")
         for a, b in merges:
@@ -252,7 +192,7 @@ class CLIPTokenizer:
             "|".join(regex.escape(t) for t in sorted(self._special, key=len, reverse=True))
         )
         self.max_length = int(max_length)
-        self._byte_encoder = _bytes_to_unicode()
+        self._byte_encoder = bytes_to_unicode()
         self._byte_decoder = {c: b for b, c in self._byte_encoder.items()}
         self._word_ids = functools.lru_cache(maxsize=_BPE_CACHE_SIZE)(self._bpe_ids)
 
@@ -286,7 +226,7 @@ class CLIPTokenizer:
         merges ordered by (rank, position), symbols in a linked list, stale entries skipped.
         O(n log n) in the word length, so a pathological 10k-character word stays fast.
         """
-        syms = list(word[:-1]) + [word[-1] + _END_OF_WORD]
+        syms = list(word[:-1]) + [word[-1] + END_OF_WORD]
         n = len(syms)
         ranks = self._ranks
         if n > 1:
@@ -352,7 +292,7 @@ class CLIPTokenizer:
 
     def _decode(self, ids: Sequence[int]) -> str:
         text = "".join(self._decoder[i] for i in ids)
-        raw = bytes(self._byte_decoder.get(c, 32) for c in text.replace(_END_OF_WORD, " "))
+        raw = bytes(self._byte_decoder.get(c, 32) for c in text.replace(END_OF_WORD, " "))
         return raw.decode("utf-8", errors="replace").strip()
 
     # -- public ----------------------------------------------------------------------------
