@@ -20,7 +20,7 @@ from sd_deploy.engine_dir.plans import plan_metadata_path, plan_path, read_metad
 from sd_deploy.engines import BuildResult, build_engines, parse_workspace
 from sd_deploy.engines.build import resolve_components
 from sd_deploy.errors import BuildError, EngineDirError
-from sd_deploy.runtime.backends import tensorrt as trt_backend
+from sd_deploy.runtime.backends import tensorrt_cuda as trt_cuda
 
 
 class FakePolygraphyError(Exception):
@@ -105,7 +105,7 @@ def fakes(monkeypatch, env):
     libs = FakeLibraries()
     for name, module in libs.modules.items():
         monkeypatch.setitem(sys.modules, name, module)
-    monkeypatch.setattr(trt_backend, "current_environment", lambda cuda=None: dict(env))
+    monkeypatch.setattr(trt_cuda, "current_environment", lambda cuda=None: dict(env))
     return libs
 
 
@@ -204,7 +204,7 @@ def test_no_gpu(engine_dir, fakes, monkeypatch):
             "no CUDA GPU is visible (check the NVIDIA driver and CUDA_VISIBLE_DEVICES)"
         )
 
-    monkeypatch.setattr(trt_backend, "current_environment", no_gpu)
+    monkeypatch.setattr(trt_cuda, "current_environment", no_gpu)
     with pytest.raises(BuildError, match="no CUDA GPU"):
         build(engine_dir)
     assert fakes.calls == []
@@ -323,12 +323,12 @@ def test_changed_onnx_rebuilds(engine_dir, fakes):
 def test_other_tensorrt_or_gpu_rebuilds(engine_dir, fakes, env, monkeypatch):
     build(engine_dir, components=["unet"])
     monkeypatch.setattr(
-        trt_backend, "current_environment", lambda cuda=None: {**env, "trt_version": "11.0.0"}
+        trt_cuda, "current_environment", lambda cuda=None: {**env, "trt_version": "11.0.0"}
     )
     [result] = build(engine_dir, components=["unet"])
     assert "TensorRT 10.13.0.35 but this is TensorRT 11.0.0" in result.reason
     monkeypatch.setattr(
-        trt_backend,
+        trt_cuda,
         "current_environment",
         lambda cuda=None: {**env, "trt_version": "11.0.0", "gpu_name": "NVIDIA L4"},
     )

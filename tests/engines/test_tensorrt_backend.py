@@ -26,18 +26,12 @@ from sd_deploy.engine_dir.plans import (
 )
 from sd_deploy.engine_dir.shapes import request_outside_profiles, wanted_profile
 from sd_deploy.errors import BuildError, RequestError
-from sd_deploy.runtime.backends import tensorrt as trt_backend
-from sd_deploy.runtime.backends import tensorrt_ready
-from sd_deploy.runtime.backends.tensorrt import (
-    CudaRuntime,
-    DeviceBuffers,
-    TensorInfo,
-    TensorRTBackend,
-    TensorRTSession,
-    check_feeds,
-    readiness,
-    tensorrt_readiness,
-)
+from sd_deploy.runtime.backends import tensorrt_checks, tensorrt_ready
+from sd_deploy.runtime.backends import tensorrt_cuda as trt_cuda
+from sd_deploy.runtime.backends.tensorrt import TensorRTBackend
+from sd_deploy.runtime.backends.tensorrt_checks import TensorInfo, check_feeds
+from sd_deploy.runtime.backends.tensorrt_cuda import CudaRuntime, DeviceBuffers
+from sd_deploy.runtime.backends.tensorrt_session import TensorRTSession
 
 # ---- fakes for the library boundary -----------------------------------------------------
 
@@ -407,18 +401,18 @@ def test_request_outside_profiles(engine_dir):
 
 def test_readiness_reasons(engine_dir, env):
     manifest = read_manifest(engine_dir)
-    ok, reason = readiness(engine_dir, manifest, env)
+    ok, reason = tensorrt_ready(engine_dir, manifest, env)
     assert not ok
     assert reason == f"no TensorRT plans in {engine_dir} (run sd-build --engine {engine_dir})"
     for name in ("text_encoder", "unet"):
         write_plan(engine_dir, name, env)
-    ok, reason = readiness(engine_dir, manifest, env)
+    ok, reason = tensorrt_ready(engine_dir, manifest, env)
     assert not ok and "vae_decoder TensorRT plan is not usable: no plan at" in reason
     write_plan(engine_dir, "vae_decoder", env, tensorrt_version="10.8.0")
-    ok, reason = readiness(engine_dir, manifest, env)
+    ok, reason = tensorrt_ready(engine_dir, manifest, env)
     assert "built with TensorRT 10.8.0 but this is TensorRT 10.13.0.35" in reason
     write_plan(engine_dir, "vae_decoder", env)
-    assert readiness(engine_dir, manifest, env) == (
+    assert tensorrt_ready(engine_dir, manifest, env) == (
         True,
         "TensorRT plans are up to date on NVIDIA H100 80GB HBM3",
     )
@@ -426,31 +420,27 @@ def test_readiness_reasons(engine_dir, env):
 
 def test_readiness_needs_the_required_graphs(make_engine, tmp_path, env):
     root = make_engine(tmp_path / "e", components=("text_encoder", "unet"))
-    ok, reason = readiness(root, read_manifest(root, require=()), env)
+    ok, reason = tensorrt_ready(root, read_manifest(root, require=()), env)
     assert not ok and "has no vae_decoder graph" in reason
 
 
 def test_tensorrt_missing(engine_dir, monkeypatch):
     manifest = read_manifest(engine_dir)
-    monkeypatch.setattr(trt_backend.importlib.util, "find_spec", lambda name: None)
-    assert tensorrt_readiness(engine_dir, manifest) == (
-        False,
-        "the tensorrt library is not installed",
-    )
+    monkeypatch.setattr(tensorrt_checks, "installed", lambda name: False)
     assert tensorrt_ready(engine_dir, manifest) == (False, "the tensorrt library is not installed")
 
 
 def test_readiness_without_gpu_and_never_raising(engine_dir, monkeypatch):
     manifest = read_manifest(engine_dir)
-    monkeypatch.setattr(trt_backend.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(tensorrt_checks, "installed", lambda name: True)
 
     def no_gpu(cuda=None):
         raise BuildError(
             "no CUDA GPU is visible (check the NVIDIA driver and CUDA_VISIBLE_DEVICES)"
         )
 
-    monkeypatch.setattr(trt_backend, "current_environment", no_gpu)
-    assert tensorrt_readiness(engine_dir, manifest) == (
+    monkeypatch.setattr(trt_cuda, "current_environment", no_gpu)
+    assert tensorrt_ready(engine_dir, manifest) == (
         False,
         str(
             BuildError("no CUDA GPU is visible (check the NVIDIA driver and CUDA_VISIBLE_DEVICES)")
@@ -460,8 +450,8 @@ def test_readiness_without_gpu_and_never_raising(engine_dir, monkeypatch):
     def broken(cuda=None):
         raise OSError("libcudart.so.12: cannot open shared object file\nmore")
 
-    monkeypatch.setattr(trt_backend, "current_environment", broken)
-    ok, reason = tensorrt_readiness(engine_dir, manifest)
+    monkeypatch.setattr(trt_cuda, "current_environment", broken)
+    ok, reason = tensorrt_ready(engine_dir, manifest)
     assert not ok and reason == (
         "TensorRT could not be checked (libcudart.so.12: cannot open shared object file)"
     )
@@ -470,11 +460,13 @@ def test_readiness_without_gpu_and_never_raising(engine_dir, monkeypatch):
 # ---- the backend, with its library calls faked --------------------------------------------
 
 
-class FakeLogger:
-    WARNING = 2
+class FakeILogger:
+    """Base of the backend's TensorRT log (a trt.ILogger subclass)."""
 
-    def __init__(self, severity) -> None:
-        self.severity = severity
+    Severity = types.SimpleNamespace(INTERNAL_ERROR=0, ERROR=1, WARNING=2, INFO=3, VERBOSE=4)
+
+    def __init__(self) -> None:
+        pass
 
 
 class FakeRuntime:
@@ -494,13 +486,13 @@ def backend(engine_dir, env, monkeypatch):
     runtime = FakeRuntime(FakeEngine(cuda, spec.profile_shapes))
     trt = types.SimpleNamespace(
         **vars(FAKE_TRT),
-        Logger=FakeLogger,
+        ILogger=FakeILogger,
         Runtime=lambda logger: runtime,
     )
-    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: trt)
-    monkeypatch.setattr(trt_backend, "import_cudart", lambda: object())
-    monkeypatch.setattr(trt_backend, "CudaRuntime", lambda cudart: cuda)
-    monkeypatch.setattr(trt_backend, "current_environment", lambda cuda=None: dict(env))
+    monkeypatch.setattr(trt_cuda, "import_tensorrt", lambda: trt)
+    monkeypatch.setattr(trt_cuda, "import_cudart", lambda: object())
+    monkeypatch.setattr(trt_cuda, "CudaRuntime", lambda cudart: cuda)
+    monkeypatch.setattr(trt_cuda, "current_environment", lambda cuda=None: dict(env))
     result = TensorRTBackend(engine_dir, read_manifest(engine_dir), cuda_graph=True)
     result.fake_runtime = runtime
     return result
@@ -583,24 +575,25 @@ def test_cuda_runtime_wrapper(monkeypatch):
     with pytest.raises(BuildError, match="^CUDA cudaMalloc failed: cudaErrorMemoryAllocation$"):
         cuda.malloc(1 << 40)
     assert cuda.free(5) is None
-    monkeypatch.setattr(trt_backend, "import_tensorrt", lambda: FAKE_TRT)
-    assert trt_backend.current_environment(cuda) == {
+    monkeypatch.setattr(trt_cuda, "import_tensorrt", lambda: FAKE_TRT)
+    assert trt_cuda.current_environment(cuda) == {
         "trt_version": "10.13.0.35",
         "gpu_name": "NVIDIA H100 80GB HBM3",
         "compute_capability": "9.0",
     }
     with pytest.raises(BuildError, match="no CUDA GPU is visible"):
-        trt_backend.current_environment(CudaRuntime(fake_cudart(devices=0)))
+        trt_cuda.current_environment(CudaRuntime(fake_cudart(devices=0)))
 
 
 def test_imports_say_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorrt", None)
     with pytest.raises(BuildError, match=r"tensorrt library is not installed \(pip install"):
-        trt_backend.import_tensorrt()
+        trt_cuda.import_tensorrt()
     monkeypatch.setitem(sys.modules, "cuda", None)
     monkeypatch.setitem(sys.modules, "cuda.bindings", None)
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", None)
     with pytest.raises(BuildError, match="cuda-python is not installed"):
-        trt_backend.import_cudart()
+        trt_cuda.import_cudart()
 
 
 def test_import_cudart_falls_back_to_the_old_name(monkeypatch):
@@ -608,7 +601,8 @@ def test_import_cudart_falls_back_to_the_old_name(monkeypatch):
     old.cudart = "old cudart module"
     monkeypatch.setitem(sys.modules, "cuda", old)
     monkeypatch.setitem(sys.modules, "cuda.bindings", None)
-    assert trt_backend.import_cudart() == "old cudart module"
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", None)
+    assert trt_cuda.import_cudart() == "old cudart module"
 
 
 def test_module_imports_without_tensorrt():
@@ -616,7 +610,7 @@ def test_module_imports_without_tensorrt():
     import subprocess
 
     code = (
-        "import sys; import sd_deploy.runtime.backends.tensorrt, sd_deploy.engines; "
+        "import sys; import sd_deploy.runtime.backends.tensorrt, sd_deploy.engines.build; "
         "heavy = ('tensorrt', 'polygraphy', 'cuda', 'torch', 'onnx'); "
         "bad = [m for m in heavy if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"

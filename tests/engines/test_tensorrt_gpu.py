@@ -27,7 +27,7 @@ def _unavailable() -> str:
         return "tensorrt is not installed"
     if importlib.util.find_spec("polygraphy") is None:
         return "polygraphy is not installed"
-    from sd_deploy.runtime.backends.tensorrt import current_environment
+    from sd_deploy.runtime.backends.tensorrt_cuda import current_environment
 
     try:
         current_environment()
@@ -80,9 +80,9 @@ def test_rebuild_is_skipped(built):
 
 
 def test_readiness(built):
-    from sd_deploy.runtime.backends.tensorrt import tensorrt_readiness
+    from sd_deploy.runtime.backends import tensorrt_ready
 
-    ok, reason = tensorrt_readiness(built, read_manifest(built))
+    ok, reason = tensorrt_ready(built, read_manifest(built))
     assert ok, reason
     assert reason.startswith("TensorRT plans are up to date on ")
 

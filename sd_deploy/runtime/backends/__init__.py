@@ -12,6 +12,7 @@ from pathlib import Path
 from sd_deploy.engine_dir.manifest import Manifest
 from sd_deploy.errors import UserError
 from sd_deploy.runtime.backends.base import Backend, ComponentSession
+from sd_deploy.runtime.backends.tensorrt_checks import tensorrt_ready
 from sd_deploy.runtime.request import BackendOptions
 
 BACKEND_NAMES = (
@@ -68,15 +69,6 @@ def select_backend(
 
     backend = OnnxRuntimeBackend("auto", threads=threads, graph_cache=graph_cache)
     return backend, f"auto: ONNX Runtime {backend.provider.upper()} because {trt_reason}"
-
-
-def tensorrt_ready(engine_dir: Path, manifest: Manifest) -> tuple[bool, str]:
-    """Whether the TensorRT backend can run this engine dir, and why (never raises)."""
-    if importlib.util.find_spec("tensorrt") is None:
-        return False, "the tensorrt library is not installed"
-    from sd_deploy.runtime.backends.tensorrt import tensorrt_readiness
-
-    return tensorrt_readiness(engine_dir, manifest)
 
 
 __all__ = ["BACKEND_NAMES", "Backend", "ComponentSession", "select_backend", "tensorrt_ready"]
