@@ -293,6 +293,16 @@ def _sampler_help() -> str:
     help="Don't keep ONNX Runtime's optimized CPU graphs in the engine dir (saves about "
     "the graphs' size on disk; every load then re-optimizes, ~6 s for SD 1.5).",
 )
+@click.option(
+    "--server",
+    default=None,
+    metavar="URL",
+    help="Generate on a Triton server (http://HOST:PORT or grpc://HOST:PORT) serving an "
+    "sd-triton model instead of here; --engine/--backend/--threads are then the server's.",
+)
+@click.option(
+    "--model-name", default="sd", show_default=True, help="The served model (with --server)."
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def run_command(
@@ -313,6 +323,8 @@ def run_command(
     overwrite: bool,
     threads: int | None,
     no_graph_cache: bool,
+    server: str | None,
+    model_name: str,
     quiet: bool,
 ) -> None:
     """Generate images from an engine dir with the numpy runtime.
@@ -320,6 +332,26 @@ def run_command(
     One call, so each component is loaded when first needed and freed when done:
     only one is resident at a time (the lowest peak memory)."""
     from tqdm.auto import tqdm
+
+    if server is not None:
+        if init_image is not None:
+            raise UserError("--init-image: the served model does txt2img only")
+        _run_on_server(
+            server,
+            model_name,
+            out,
+            overwrite,
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            steps=steps,
+            guidance=guidance,
+            sampler=sampler,
+            seed=seed,
+            width=width,
+            height=height,
+            batch=batch,
+        )
+        return
 
     from sd_deploy.runtime import BackendOptions, GenerationRequest, Pipeline
     from sd_deploy.runtime.images import load_init_image, output_paths, save_png
@@ -358,6 +390,27 @@ def run_command(
         f"(unet {t.get('unet', 0):.2f} s, runtime overhead {t['outside_backend']:.3f} s)",
         err=True,
     )
+
+
+def _run_on_server(url: str, model: str, out: Path, overwrite: bool, **request: Any) -> None:
+    """sd-run --server: the same request and PNGs, the work done by the Triton server."""
+    import random
+    import time
+
+    from sd_deploy.runtime.images import output_paths, save_png
+    from sd_deploy.serving.client import RemotePipeline
+
+    if request["seed"] is None or request["seed"] < 0:
+        request["seed"] = random.randrange(2**31)
+    seeds = [request["seed"] + i for i in range(max(request["batch"], 1))]
+    paths = output_paths(out, seeds, overwrite)
+    start = time.perf_counter()
+    with RemotePipeline(url, model=model) as remote:
+        images, texts = remote.generate(**request)
+    for image_array, text, path in zip(images, texts, paths, strict=True):
+        click.echo(str(save_png(image_array, path, text)))
+    elapsed = time.perf_counter() - start
+    click.echo(f"{len(images)} image(s) in {elapsed:.2f} s on {url} ({model})", err=True)
 
 
 # ---------------------------------------------------------------------------- sd-bench

@@ -261,3 +261,30 @@ def test_serve_command_prints_urls_and_stops_on_sigint(tmp_path, repository, stu
     assert "stopped" in out
     ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert f"--http-port={port}" not in ps
+
+
+def test_sd_run_server_writes_the_same_png(server, default_engine, tmp_path):
+    """sd-run --server: same pixels and the same parameters chunk as local sd-run."""
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from sd_deploy.cli import run_command
+
+    common = ["--prompt", "a green ring", "--seed", "5", "--steps", "4", "--batch", "2"]
+    remote = CliRunner().invoke(
+        run_command, [*common, "--server", server.http_url, "--out", str(tmp_path / "r.png")]
+    )
+    assert remote.exit_code == 0, remote.output
+    local = CliRunner().invoke(
+        run_command, [*common, "--engine", str(default_engine), "--out", str(tmp_path / "l.png")]
+    )
+    assert local.exit_code == 0, local.output
+    for i in range(2):
+        with Image.open(tmp_path / f"r-{i}.png") as got, Image.open(tmp_path / f"l-{i}.png") as ref:
+            assert got.tobytes() == ref.tobytes()
+            assert got.text["parameters"] == ref.text["parameters"]
+            assert f"Seed: {5 + i}" in got.text["parameters"]
+    bad = CliRunner().invoke(
+        run_command, ["--prompt", "x", "--width", "500", "--server", server.http_url]
+    )
+    assert bad.exit_code == 1 and "error: width 500" in bad.output
