@@ -31,11 +31,14 @@ class BackendOptions:
     graph_cache: keep ONNX Runtime's optimized CPU graphs in the engine dir, so later
         loads skip re-optimizing (~6 s for the SD 1.5 UNet).
     cuda_graph: TensorRT records the UNet's steps as a CUDA graph and replays them.
+    precision: OpenVINO's compute precision, auto (bf16 where the CPU has AMX or
+        AVX512-BF16, else fp32), fp32 or bf16; the other backends run the graphs' own.
     """
 
     threads: int | None = None
     graph_cache: bool = True
     cuda_graph: bool = False
+    precision: str = "auto"
 
 
 @dataclass

@@ -32,12 +32,38 @@ PROVIDER_CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+SWITCH_HINT = (
+    "keep one: pip uninstall -y onnxruntime onnxruntime-gpu, then pip install "
+    "'sd-deploy[ort-gpu]' for CUDA/TensorRT or 'sd-deploy[ort]' for CPU only"
+)
+
+
+def installed_onnxruntime_distributions() -> list[str]:
+    """Which of the two ONNX Runtime distributions are installed ('onnxruntime' is the CPU
+    build, 'onnxruntime-gpu' the CUDA + TensorRT one; both install the same package)."""
+    from importlib import metadata
+
+    found = []
+    for name in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            continue
+        found.append(name)
+    return found
+
+
 def import_onnxruntime() -> Any:
+    """onnxruntime, or a one-line UserError: not installed, or both builds installed (they
+    overwrite each other's files, so which providers exist depends on install order)."""
+    if len(installed_onnxruntime_distributions()) > 1:
+        raise UserError(f"onnxruntime and onnxruntime-gpu are both installed; {SWITCH_HINT}")
     try:
         import onnxruntime
     except ImportError:
         raise UserError(
-            "onnxruntime is not installed: pip install 'sd-deploy[ort]' (or onnxruntime-gpu)"
+            "onnxruntime is not installed: pip install 'sd-deploy[ort]' (CPU) or "
+            "'sd-deploy[ort-gpu]' (CUDA/TensorRT)"
         ) from None
     return onnxruntime
 
@@ -94,7 +120,7 @@ class OnnxRuntimeBackend(Backend):
         if wanted not in available:
             raise UserError(
                 f"ONNX Runtime here has no {wanted} (available: {', '.join(available)}); "
-                "install onnxruntime-gpu with CUDA/TensorRT for GPU providers"
+                f"for GPU providers {SWITCH_HINT} (docs/tensorrt.md)"
             )
         self.provider = provider
         self.providers = [p for p in PROVIDER_CHOICES[provider] if p in available]
