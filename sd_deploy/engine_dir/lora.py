@@ -35,6 +35,8 @@ import numpy as np
 from sd_deploy.errors import CheckpointError
 
 LORA_SUFFIXES = (".safetensors",)
+# Beside each LoRA-ready component's graph: which initializer holds each target weight.
+LORA_TARGETS_NAME = "lora_targets.json"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 COMPONENT_PREFIXES = {
     "lora_unet_": "unet",

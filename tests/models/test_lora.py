@@ -11,6 +11,7 @@ import torch
 from lora_files import write_lora
 from safetensors.torch import load_file, save_file
 
+from sd_deploy.engine_dir.lora import read_safetensors, write_safetensors
 from sd_deploy.models import build_random, get_preset
 from sd_deploy.models.lora import (
     LoraError,
@@ -21,7 +22,6 @@ from sd_deploy.models.lora import (
     parse_lora_arg,
     target_table,
 )
-from sd_deploy.models.lora.format import read_safetensors, write_safetensors
 
 
 @pytest.fixture(scope="module")

@@ -23,10 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sd_deploy.models.checkpoints.diffusers_names import unet_key_to_diffusers
-from sd_deploy.models.checkpoints.layout import text_bare
-from sd_deploy.models.loading import LoadedModels
-from sd_deploy.models.lora.format import (
+from sd_deploy.engine_dir.lora import (
     PICKLE_SUFFIXES,
     LoraError,
     LoraFile,
@@ -39,6 +36,9 @@ from sd_deploy.models.lora.format import (
     read_lora,
     resolve,
 )
+from sd_deploy.models import LoadedModels
+from sd_deploy.models.checkpoints.diffusers_names import unet_key_to_diffusers
+from sd_deploy.models.checkpoints.layout import text_bare
 
 __all__ = [
     "AppliedLora",
