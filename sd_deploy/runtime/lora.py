@@ -1,0 +1,315 @@
+"""Run-time LoRA switching on an engine dir exported with `sd-export --lora-ready`.
+
+Each LoRA-ready component (unet, text_encoder) has `lora_targets.json` (written by the
+exporter): which ONNX initializer holds each LoRA-targetable weight, transposed or not,
+its dtype, and where its bytes lie in `model.onnx_data`. Applying a set of LoRAs:
+
+1. read the files (numpy, `engine_dir.lora`) and match every layer onto a target, with the
+   same one-line errors as a merge at export;
+2. for the touched initializers only: base (memory-mapped, read-only) + the summed deltas,
+   computed in float32 and cast to the initializer's dtype;
+3. the backend makes sessions from those arrays: ONNX Runtime a new session per component
+   with the arrays as overriding initializers, TensorRT a refit by initializer name.
+
+The files on disk never change, and no LoRA means the base sessions, untouched: switching
+back gives the base outputs bit for bit, not base + delta - delta.
+
+`LoraSessionCache` keeps the patched session sets of the last few LoRA sets (LRU), so
+alternating between two styles costs one switch each, not one per request.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sd_deploy.engine_dir.lora import (
+    LORA_TARGETS_NAME,
+    LoraError,
+    LoraFile,
+    LoraSpec,
+    ResolvedLayer,
+    TargetTable,
+    read_lora,
+    resolve,
+)
+
+LORA_COMPONENTS = ("unet", "text_encoder")
+# Patched session sets kept loaded at once (each holds a full copy of the patched
+# components' sessions); the base sessions are kept besides these.
+DEFAULT_MAX_LORA_SETS = 2
+
+LoraSetKey = tuple[tuple[str, float], ...]  # ((file sha256, scale), ...) in request order
+
+
+@dataclass(frozen=True)
+class AppliedLoraInfo:
+    """One LoRA in effect for a generation: for the PNG parameters and results."""
+
+    name: str
+    scale: float
+    sha256: str
+    short_hash: str  # A1111's "Lora hashes" value: the safetensors data hash, 12 hex digits
+
+
+class ComponentTargets:
+    """One component's `lora_targets.json` and read-only access to its base weights."""
+
+    def __init__(self, engine_dir: Path, component: str, data: Mapping[str, Any]) -> None:
+        self.engine_dir = Path(engine_dir)
+        self.component = component
+        self.targets: dict[str, dict[str, Any]] = dict(data["targets"])
+        self.unmapped = set(data.get("unmapped", ()))
+        self.data = data
+        self._maps: dict[str, np.memmap] = {}
+
+    @classmethod
+    def load(cls, engine_dir: Path, component: str) -> ComponentTargets | None:
+        path = Path(engine_dir) / component / LORA_TARGETS_NAME
+        if not path.is_file():
+            return None
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if data.get("schema") != 1 or data.get("component") != component:
+                raise ValueError("unknown schema")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise LoraError(f"{path} cannot be read ({exc}); re-export with --lora-ready") from None
+        return cls(engine_dir, component, data)
+
+    def add_to(self, table: TargetTable) -> None:
+        table.aliases[self.component] = dict(self.data["aliases"])
+        table.shapes[self.component] = {t: tuple(s) for t, s in self.data["shapes"].items()}
+        table.context_dim = table.context_dim or self.data.get("context_dim")
+        table.text_width = table.text_width or self.data.get("text_width")
+
+    def base(self, target: str) -> np.ndarray:
+        """The exported initializer of `target`, as stored (a read-only memmap view)."""
+        return self._read(self.targets[target])
+
+    def initializer(self, name: str) -> np.ndarray | None:
+        """Any exported initializer by name (base values), None if not recorded."""
+        record = self.data.get("initializers", {}).get(name)
+        return None if record is None else self._read(record)
+
+    def _read(self, record: Mapping[str, Any]) -> np.ndarray:
+        file = record["file"]
+        if file not in self._maps:
+            self._maps[file] = np.memmap(self.engine_dir / self.component / file, mode="r")
+        raw = self._maps[file][record["offset"] : record["offset"] + record["length"]]
+        return raw.view(np.dtype(record["dtype"])).reshape(record["shape"])
+
+    def patched(self, deltas: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """initializer name -> base + delta, in the initializer's layout and dtype."""
+        result = {}
+        for target, delta in deltas.items():
+            record = self.targets[target]
+            base = self.base(target)
+            update = delta.T if record["transpose"] else delta
+            merged = base.astype(np.float32) + update.reshape(base.shape).astype(np.float32)
+            result[record["initializer"]] = np.ascontiguousarray(merged.astype(base.dtype))
+        return result
+
+
+def addnet_hash(path: Path) -> str:
+    """sha256 of a safetensors file's tensor data (after its header): A1111's LoRA hash."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        f.seek(8 + n)
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class LoraLibrary:
+    """Reads LoRA files (cached by path, size and mtime) and turns sets of them into patches."""
+
+    def __init__(self, engine_dir: Path) -> None:
+        self.engine_dir = Path(engine_dir)
+        self.components: dict[str, ComponentTargets] = {}
+        for component in LORA_COMPONENTS:
+            targets = ComponentTargets.load(self.engine_dir, component)
+            if targets is not None:
+                self.components[component] = targets
+        self._files: dict[tuple[str, int, int], tuple[LoraFile, str]] = {}
+
+    @property
+    def ready(self) -> bool:
+        return "unet" in self.components
+
+    def read(self, path: Path) -> tuple[LoraFile, str]:
+        path = Path(path)
+        try:
+            stat = path.stat()
+        except OSError:
+            raise LoraError(f"LoRA file {path} does not exist") from None
+        key = (os.fspath(path.resolve()), stat.st_size, stat.st_mtime_ns)
+        if key not in self._files:
+            lora = read_lora(path)
+            self._files[key] = (lora, addnet_hash(path)[:12])
+        return self._files[key]
+
+    def table(self) -> TargetTable:
+        family = next(iter(self.components.values())).data["family"]
+        table = TargetTable(family=family)
+        for targets in self.components.values():
+            targets.add_to(table)
+        return table
+
+    def resolve(self, specs: Sequence[LoraSpec]) -> tuple[LoraSetKey, list[ResolvedLayer], list]:
+        """Read and match a LoRA set; returns (key, resolved layers, applied infos)."""
+        if not self.ready:
+            raise LoraError(
+                f"{self.engine_dir} was exported without --lora-ready: LoRAs cannot be switched "
+                "at run time (re-export with sd-export --lora-ready, or merge them with "
+                "sd-export --lora FILE:SCALE)"
+            )
+        files = [self.read(spec.path) for spec in specs]
+        table = self.table()
+        resolved = resolve(((f, s.scale) for (f, _), s in zip(files, specs, strict=True)), table)
+        for r in resolved:
+            targets = self.components[r.component]
+            if r.target not in targets.targets:
+                raise LoraError(
+                    f"LoRA {r.source}: {r.layer.key} touches {r.component} weight {r.target}, "
+                    "which the exported graph does not keep as a separate initializer; merge "
+                    "this LoRA at export (sd-export --lora) instead"
+                )
+        key = tuple((f.sha256, float(s.scale)) for (f, _), s in zip(files, specs, strict=True))
+        infos = [
+            AppliedLoraInfo(f.name, float(s.scale), f.sha256, short)
+            for (f, short), s in zip(files, specs, strict=True)
+        ]
+        return key, resolved, infos
+
+    def patches(self, resolved: Iterable[ResolvedLayer]) -> dict[str, dict[str, np.ndarray]]:
+        """component -> {initializer name: patched array} for the touched initializers."""
+        table = self.table()
+        deltas: dict[str, dict[str, np.ndarray]] = {}
+        for r in resolved:
+            shape = table.shapes[r.component][r.target]
+            delta = r.layer.delta(shape, r.user_scale)
+            per = deltas.setdefault(r.component, {})
+            per[r.target] = per[r.target] + delta if r.target in per else delta
+        return {c: self.components[c].patched(d) for c, d in deltas.items()}
+
+
+class LoraSessionCache:
+    """Patched session sets of the last `max_sets` LoRA sets, least recently used evicted."""
+
+    def __init__(self, max_sets: int = DEFAULT_MAX_LORA_SETS) -> None:
+        if max_sets < 1:
+            raise ValueError("max_sets must be at least 1")
+        self.max_sets = max_sets
+        self._sets: OrderedDict[LoraSetKey, dict[str, Any]] = OrderedDict()
+
+    def __contains__(self, key: LoraSetKey) -> bool:
+        return key in self._sets
+
+    def __len__(self) -> int:
+        return len(self._sets)
+
+    def get(self, key: LoraSetKey, build: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        if key in self._sets:
+            self._sets.move_to_end(key)
+            return self._sets[key]
+        while len(self._sets) >= self.max_sets:
+            _, evicted = self._sets.popitem(last=False)
+            close_all(evicted.values())
+        sessions = build()
+        self._sets[key] = sessions
+        return sessions
+
+    def clear(self) -> None:
+        while self._sets:
+            _, evicted = self._sets.popitem(last=False)
+            close_all(evicted.values())
+
+
+def close_all(sessions: Iterable[Any]) -> None:
+    for session in sessions:
+        close = getattr(session, "close", None)
+        if close is not None:
+            close()
+
+
+def refit_engine(
+    trt: Any,
+    engine: Any,
+    logger: Any,
+    weights: Mapping[str, np.ndarray],
+    base: Callable[[str], np.ndarray | None],
+    what: str,
+) -> None:
+    """Refit a refittable TensorRT engine's named weights in place (`trt.Refitter`).
+
+    `weights`: initializer name -> new values (the initializer's dtype and layout). TensorRT
+    may ask for more weights than were set (`get_missing_weights`: weights it fused with
+    them); those get their base values from `base`. A plan built without `--refittable`,
+    or a name the engine does not know, is a BuildError saying how to rebuild.
+    """
+    from sd_deploy.errors import BuildError
+
+    if not getattr(engine, "refittable", False):
+        raise BuildError(
+            f"the {what} TensorRT plan is not refittable; rebuild it with sd-build --refittable "
+            "to switch LoRAs at run time"
+        )
+    refitter = trt.Refitter(engine, logger)
+    keep: list[Any] = []  # trt.Weights points into these arrays until the refit is done
+
+    def put(name: str, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array)
+        keep.append(array)
+        if not refitter.set_named_weights(name, trt.Weights(array)):
+            raise BuildError(
+                f"TensorRT cannot refit {what} weight {name} (not a refittable weight of this "
+                "plan); rebuild it with sd-build --refittable"
+            )
+
+    for name, array in weights.items():
+        put(name, array)
+    for name in refitter.get_missing_weights():
+        known = base(name)
+        if known is None:
+            raise BuildError(f"TensorRT needs {what} weight {name} to refit, and it is not known")
+        put(name, known)
+    if not refitter.refit_cuda_engine():
+        raise BuildError(f"TensorRT could not refit the {what} engine")
+
+
+class RefitState:
+    """Which LoRA set a refittable engine holds now, and which initializers differ from base."""
+
+    def __init__(self) -> None:
+        self.key: LoraSetKey = ()
+        self.touched: set[str] = set()
+
+    def plan(
+        self,
+        key: LoraSetKey,
+        patches: Mapping[str, np.ndarray],
+        base: Callable[[str], np.ndarray | None],
+    ) -> dict[str, np.ndarray]:
+        """The weights to set for moving from the current set to `key`: the new patches,
+        and the base values of everything the old set touched that the new one does not."""
+        weights = dict(patches)
+        for name in self.touched - set(patches):
+            array = base(name)
+            if array is None:
+                raise LoraError(f"base weight {name} is not recorded; re-export with --lora-ready")
+            weights[name] = array
+        return weights
+
+    def done(self, key: LoraSetKey, patches: Mapping[str, np.ndarray]) -> None:
+        self.key = key
+        self.touched = set(patches)
