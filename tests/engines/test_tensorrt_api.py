@@ -64,6 +64,8 @@ def _report(uses: list[tc.Use], library: str) -> str:
 def test_every_tensorrt_use_is_in_the_real_module(real_trt_api):
     uses = _analysis(real_trt_api)
     trt_uses = [u for u in uses if u.library == "tensorrt"]
+    bad = list(tc.problems(trt_uses))
+    assert not bad, "\n".join(bad)
     # The analysis must see the code it checks: the backend's engine and context calls,
     # the runtime, the logger and the builder's memory pool at least.
     seen = {u.what.split("(")[0] for u in trt_uses}
@@ -77,8 +79,6 @@ def test_every_tensorrt_use_is_in_the_real_module(real_trt_api):
         assert expected in seen, (
             f"{expected} not found by the analysis:\n{_report(uses, 'tensorrt')}"
         )
-    bad = [p for p in tc.problems(trt_uses)]
-    assert not bad, "\n".join(bad)
     print(f"{len(trt_uses)} TensorRT API uses checked:\n{_report(uses, 'tensorrt')}")
 
 
@@ -444,8 +444,10 @@ def test_tensorrt_and_auto_backends_with_the_real_module_and_no_gpu(
     kind, message = result["tensorrt"]
     assert kind == "BuildError" and "\n" not in message and message in reason + message
     name, why = result["auto"]
-    assert name == "onnxruntime"
-    assert why.startswith("auto: ONNX Runtime CPU because ") and reason in why, why
+    # With openvino installed on a CPU with bf16 instructions, auto picks OpenVINO.
+    assert name in ("onnxruntime", "openvino")
+    cpu = ("auto: ONNX Runtime CPU because ", "auto: OpenVINO on the CPU because ")
+    assert why.startswith(cpu) and reason in why, why
 
 
 # ---- the real lean runtime: plan loading ------------------------------------------------------
