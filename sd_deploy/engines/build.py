@@ -146,15 +146,19 @@ def build_plan(
     pools = None
     if workspace is not None:
         pools = {lib["trt"].MemoryPoolType.WORKSPACE: workspace}
-    config = lib["CreateConfig"](
-        profiles=[polygraphy_profile],
-        load_timing_cache=str(timing_cache) if timing_cache and timing_cache.is_file() else None,
-        builder_optimization_level=optimization_level,
-        memory_pool_limits=pools,
-    )
-    network = lib["NetworkFromOnnxPath"](str(onnx), strongly_typed=True)
     logger = lib["G_LOGGER"]
+    # Quiet from the config on: CreateConfig itself prints "[I] TF32 is disabled by default"
+    # to stdout (seen with the real polygraphy 0.53.6 over the real bindings).
     with logger.verbosity(logger.WARNING):
+        config = lib["CreateConfig"](
+            profiles=[polygraphy_profile],
+            load_timing_cache=(
+                str(timing_cache) if timing_cache and timing_cache.is_file() else None
+            ),
+            builder_optimization_level=optimization_level,
+            memory_pool_limits=pools,
+        )
+        network = lib["NetworkFromOnnxPath"](str(onnx), strongly_typed=True)
         engine = lib["engine_from_network"](
             network, config=config, save_timing_cache=str(timing_cache) if timing_cache else None
         )
