@@ -131,6 +131,19 @@ COMPONENT_CHOICES = ["all", "text_encoder", "unet", "vae_decoder", "vae_encoder"
     default=None,
     help="Override the detected prediction type.",
 )
+@click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    metavar="FILE[:SCALE]",
+    help="Merge a LoRA (.safetensors, kohya or diffusers format) into the weights before "
+    "export, at SCALE (default 1); repeatable.",
+)
+@click.option(
+    "--lora-ready",
+    is_flag=True,
+    help="Keep what switching LoRAs at run time needs (sd-run --lora), without re-export.",
+)
 @user_errors
 def export_command(
     source: str,
@@ -147,15 +160,19 @@ def export_command(
     seed: int,
     family: str | None,
     prediction_type: str | None,
+    loras: tuple[str, ...],
+    lora_ready: bool,
 ) -> None:
     """Export a Stable Diffusion model to ONNX graphs in an engine dir."""
     import time
 
     from sd_deploy.engine_dir import shapes
+    from sd_deploy.engine_dir.lora import parse_lora_arg
     from sd_deploy.exporter import export_engine_dir, resolve_components
     from sd_deploy.models import load_models
 
     resolve_components(components)  # unknown names fail before the model loads
+    lora_specs = [parse_lora_arg(text) for text in loras]
     start = time.perf_counter()
     click.echo(f"loading {source} ...", err=True)
     models = load_models(
@@ -165,6 +182,16 @@ def export_command(
         family=family,
         prediction_type=prediction_type,
     )
+    applied = []
+    if lora_specs:
+        from sd_deploy.models.lora import merge_loras
+
+        applied = merge_loras(models, lora_specs)
+        for lora in applied:
+            click.echo(
+                f"merged LoRA {lora.name} ({lora.format}, {lora.layers} layers) at {lora.scale:g}",
+                err=True,
+            )
     defaults = shapes.default_ranges(models.config.default_size)
     ranges = shapes.override(defaults, batch, height, width)
     manifest = export_engine_dir(
@@ -176,6 +203,8 @@ def export_command(
         opset=opset,
         force=force,
         validate=not no_validate,
+        loras=[lora.to_dict() for lora in applied],
+        lora_ready=lora_ready,
     )
     for name in resolve_components(components):
         spec = manifest.components[name]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import gc
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from sd_deploy.exporter.components import (
     component_graphs,
     sample_inputs,
 )
+from sd_deploy.exporter.lora_ready import LORA_COMPONENTS, prepare_lora_ready
 from sd_deploy.exporter.onnx_export import export_module, export_onnx, finalize_onnx
 from sd_deploy.exporter.output_dir import (
     existing_manifest,
@@ -94,8 +95,12 @@ def export_component(
     opset: int,
     validate: bool,
     bar: Any,
+    lora_ready: bool = False,
 ) -> ComponentSpec:
-    """Export, pack and (optionally) validate one component inside the staging dir."""
+    """Export, pack and (optionally) validate one component inside the staging dir.
+
+    lora_ready: keep the weights external and write lora_targets.json (run-time LoRAs).
+    """
     precision = "fp16" if fp16 else "fp32"
     scale = models.config.vae_scale_factor
     reference = graph.build(models).eval()
@@ -112,6 +117,8 @@ def export_component(
     gc.collect()
     files = finalize_onnx(raw_dir / "model.onnx", out_dir / "model.onnx")
     shutil.rmtree(raw_dir)
+    if lora_ready and graph.name in LORA_COMPONENTS:
+        files = prepare_lora_ready(out_dir / "model.onnx", models, graph.name)
     bar.update(1)
 
     validation: dict[str, Any] = {"validated": False, "reason": "--no-validate"}
@@ -213,12 +220,21 @@ def export_engine_dir(
     force: bool = False,
     validate: bool = True,
     progress: bool = True,
+    loras: Sequence[Mapping[str, Any]] = (),
+    lora_ready: bool = False,
 ) -> Manifest:
-    """Export `components` of `models` into the engine dir `out` (created or updated)."""
+    """Export `components` of `models` into the engine dir `out` (created or updated).
+
+    loras: the LoRAs already merged into `models` (`models.lora.merge_loras`), recorded in
+    the manifest's provenance (name, file, sha256, scale). lora_ready: keep what run-time
+    LoRA switching needs (`exporter.lora_ready`).
+    """
     out = Path(out)
     names = resolve_components(components)
     ranges = shapes.check_ranges(ranges or shapes.default_ranges(models.config.default_size))
     prov = provenance(models, opset, validate)
+    prov["loras"] = [dict(lora) for lora in loras]
+    prov["lora_ready"] = lora_ready
     old = existing_manifest(out, model_identity(prov), force)
     graphs = component_graphs(models)
     specs: dict[str, ComponentSpec] = {}
@@ -234,7 +250,7 @@ def export_engine_dir(
                     specs[name] = spec
         for name in names:
             specs[name] = export_component(
-                models, graphs[name], stage, fp16, ranges, opset, validate, bar
+                models, graphs[name], stage, fp16, ranges, opset, validate, bar, lora_ready
             )
         write_tokenizer(models, stage / "tokenizer")
         manifest = build_manifest(models, specs, prov)

@@ -18,8 +18,12 @@ from sd_deploy.errors import ExportError
 
 
 def model_identity(provenance: dict) -> str:
-    """What makes two exports 'the same model': the source's hash, else its description."""
-    return str(provenance.get("source_sha256") or provenance.get("source"))
+    """What makes two exports 'the same model': the source's hash, else its description,
+    and the LoRAs merged into it (hash and scale each)."""
+    identity = str(provenance.get("source_sha256") or provenance.get("source"))
+    for lora in provenance.get("loras") or ():
+        identity += f" + {lora.get('sha256')}:{lora.get('scale')}"
+    return identity
 
 
 def existing_manifest(out: Path, identity: str, force: bool) -> Manifest | None:
