@@ -50,7 +50,7 @@ sys.path.insert(0, str(REPO))
 
 from sd_deploy.models import shapes_check, shapes_data  # noqa: E402
 from sd_deploy.models.checkpoints import DEFAULT_MODEL_PATH, save_checkpoint  # noqa: E402
-from sd_deploy.models.loading import LoadedModels  # noqa: E402
+from sd_deploy.models.loaded import LoadedModels  # noqa: E402
 from sd_deploy.models.presets import PRESETS, ModelConfig  # noqa: E402
 from sd_deploy.models.text_encoder import TextEncoder  # noqa: E402
 from sd_deploy.models.unet import UNetModel, count_parameters  # noqa: E402

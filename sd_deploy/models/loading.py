@@ -2,43 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from sd_deploy.errors import CheckpointError, UserError
-from sd_deploy.models.presets import ModelConfig, get_preset
+from sd_deploy.models import checkpoints
+from sd_deploy.models.loaded import LoadedModels
+from sd_deploy.models.presets import PRESETS, ModelConfig, get_preset
 from sd_deploy.models.text_encoder import TextEncoder
 from sd_deploy.models.unet import UNetModel
 from sd_deploy.models.vae import AutoencoderKL
 
 # Name users pass (or omit) for the small trained model shipped inside the package.
 DEFAULT_MODEL = "default"
-
-
-@dataclass
-class LoadedModels:
-    """The three networks, their config, and where they came from (for the manifest)."""
-
-    unet: UNetModel
-    vae: AutoencoderKL
-    text_encoder: TextEncoder
-    config: ModelConfig
-    source: str
-    source_sha256: str | None = None
-    # A diffusers folder brings its own tokenizer files; otherwise the packaged CLIP BPE.
-    tokenizer_dir: Path | None = None
-
-    def to(self, dtype: torch.dtype) -> LoadedModels:
-        for module in (self.unet, self.vae, self.text_encoder):
-            module.to(dtype)
-        return self
-
-    def eval(self) -> LoadedModels:
-        for module in (self.unet, self.vae, self.text_encoder):
-            module.eval().requires_grad_(False)
-        return self
 
 
 def build_random(config: ModelConfig, seed: int = 0) -> LoadedModels:
@@ -73,8 +50,6 @@ def load_models(
     for the packaged trained model, or a preset name together with `random_init=True`.
     family / prediction_type override what is detected from the weights.
     """
-    from sd_deploy.models import checkpoints
-
     if random_init:
         name = family or (str(source) if source not in (None, DEFAULT_MODEL) else None)
         if name is None:
@@ -94,15 +69,7 @@ def load_models(
     else:
         path = Path(source)
         if not path.exists():
-            hint = (
-                " (a preset name needs --random-weights)" if str(source) in _preset_names() else ""
-            )
+            hint = " (a preset name needs --random-weights)" if str(source) in PRESETS else ""
             raise CheckpointError(f"model source {source} does not exist{hint}")
         models = checkpoints.load_checkpoint(path, family=family, prediction_type=prediction_type)
     return models.to(dtype).eval()
-
-
-def _preset_names() -> tuple[str, ...]:
-    from sd_deploy.models.presets import PRESETS
-
-    return tuple(PRESETS)

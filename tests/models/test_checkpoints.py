@@ -17,16 +17,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from sd_deploy.engine_dir.hashing import sha256_file as file_sha256
 from sd_deploy.errors import CheckpointError, UserError
 from sd_deploy.models import LoadedModels, build_random, get_preset, load_models
 from sd_deploy.models import checkpoints as ckpt
 from sd_deploy.models.checkpoints import (
-    file_sha256,
+    assembly,
+    diffusers_configs,
     ldm_state_dict,
     load_checkpoint,
     load_default_model,
     save_checkpoint,
+    single_file,
 )
+from sd_deploy.models.checkpoints.readers import Reader
 from sd_deploy.models.presets import PRESETS, ModelConfig
 
 COMPONENTS = ("unet", "vae", "text_encoder")
@@ -289,7 +293,7 @@ def test_overrides(tmp_path: Path, tiny: LoadedModels) -> None:
     assert load_checkpoint(spec).config.prediction_type == "v_prediction"
 
 
-class ShapeReader(ckpt._Reader):
+class ShapeReader(Reader):
     """Shapes (and extras/metadata) only: enough for detection without any weights."""
 
     def __init__(self, shapes: dict, metadata: dict | None = None, extras: dict | None = None):
@@ -300,7 +304,7 @@ class ShapeReader(ckpt._Reader):
 
 
 def meta_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    modules = ckpt._meta_modules(config)
+    modules = assembly.meta_modules(config)
     models = LoadedModels(
         modules["unet"], modules["vae"], modules["text_encoder"], config, source="meta"
     )
@@ -323,12 +327,12 @@ def test_full_size_family_detection(
 ) -> None:
     """SD 2.x 768-v and 512-base share every shape: metadata, then global_step, decide."""
     reader = ShapeReader(meta_shapes(get_preset(preset)), metadata, extras)
-    config, _ = ckpt._single_file_config(reader, None, None)
+    config, _ = single_file.single_file_config(reader, None, None)
     assert config.family == expected
     assert config.prediction_type == prediction
     assert config.unet == get_preset(expected).unet
     assert config.text_encoder == get_preset(expected).text_encoder
-    forced, _ = ckpt._single_file_config(reader, None, "v_prediction")
+    forced, _ = single_file.single_file_config(reader, None, "v_prediction")
     assert forced.prediction_type == "v_prediction"
     # --prediction-type picks between same-shaped presets, unless the file names its family.
     assert forced.family == metadata.get("family", "sd15" if preset == "sd15" else "sd21")
@@ -718,7 +722,7 @@ def test_hub_style_folder_configs_map_to_presets(
     vocab = {"!": 0, "<|startoftext|>": 49406, "<|endoftext|>": 49407}
     (tmp_path / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
     (tmp_path / "tokenizer" / "special_tokens_map.json").write_text(json.dumps({"pad_token": pad}))
-    config, _ = ckpt._folder_config(tmp_path, None, None)
+    config, _ = diffusers_configs.folder_config(tmp_path, None, None)
     assert config == get_preset(expected)
 
 
@@ -726,7 +730,7 @@ def test_persistent_position_ids_are_rebuilt(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, tiny: LoadedModels, tiny_state: dict
 ) -> None:
     """Older transformers keep CLIP's position_ids in the state dict: never read, always 0..76."""
-    build = ckpt._meta_modules
+    build = assembly.meta_modules
 
     def with_persistent_position_ids(config: ModelConfig) -> dict:
         modules = build(config)
@@ -735,7 +739,7 @@ def test_persistent_position_ids_are_rebuilt(
         embeddings.register_buffer("position_ids", embeddings.position_ids, persistent=True)
         return modules
 
-    monkeypatch.setattr(ckpt, "_meta_modules", with_persistent_position_ids)
+    monkeypatch.setattr(assembly, "meta_modules", with_persistent_position_ids)
     damaged = torch.arange(77, dtype=torch.float32)[None] + 0.4  # as in some merged SD 1.x files
     path = tmp_path / "positions.safetensors"
     save_file(

@@ -64,39 +64,32 @@ lives in its own module:
 - `diffusers_folder`: a folder's weight files and their plan into our modules.
 - `assembly`: meta-device modules, key validation, filling them tensor by tensor.
 - `writing`: `ldm_state_dict` and `save_checkpoint`.
-- `layout`, `hashing`, `messages`: the ldm key layout, sha256s, one-line error text.
+- `layout`, `messages`: the ldm key layout and one-line error text (sha256s of files come
+  from `sd_deploy.engine_dir.hashing`, shared with the engine-dir contract).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from sd_deploy.engine_dir.hashing import files_sha256 as _files_sha256
-from sd_deploy.engine_dir.hashing import sha256_file as file_sha256
+from sd_deploy.engine_dir.hashing import files_sha256, sha256_file
 from sd_deploy.errors import CheckpointError
-from sd_deploy.models.checkpoints.assembly import build as _build
-from sd_deploy.models.checkpoints.assembly import meta_modules as _meta_modules
-from sd_deploy.models.checkpoints.diffusers_configs import folder_config as _folder_config
-from sd_deploy.models.checkpoints.diffusers_folder import check_layout as _check_folder_layout
-from sd_deploy.models.checkpoints.diffusers_folder import folder_components as _folder_components
-from sd_deploy.models.checkpoints.diffusers_folder import open_components as _open_components
-from sd_deploy.models.checkpoints.diffusers_folder import tokenizer_dir as _tokenizer_dir
-from sd_deploy.models.checkpoints.families import normalize_prediction as _normalize_prediction
-from sd_deploy.models.checkpoints.readers import SINGLE_FILE_SUFFIXES
-from sd_deploy.models.checkpoints.readers import Reader as _Reader  # noqa: F401 (tests use it)
-from sd_deploy.models.checkpoints.readers import open_weights_file as _open_weights_file
-from sd_deploy.models.checkpoints.single_file import (
-    single_file_components as _single_file_components,
+from sd_deploy.models.checkpoints import (
+    assembly,
+    diffusers_configs,
+    diffusers_folder,
+    families,
+    readers,
+    single_file,
 )
-from sd_deploy.models.checkpoints.single_file import single_file_config as _single_file_config
+from sd_deploy.models.checkpoints.readers import SINGLE_FILE_SUFFIXES
 from sd_deploy.models.checkpoints.writing import ldm_state_dict, save_checkpoint
-from sd_deploy.models.loading import LoadedModels
+from sd_deploy.models.loaded import LoadedModels
 from sd_deploy.models.presets import PRESETS, get_preset
 
 __all__ = [
     "DEFAULT_MODEL_PATH",
     "SINGLE_FILE_SUFFIXES",
-    "file_sha256",
     "ldm_state_dict",
     "load_checkpoint",
     "load_default_model",
@@ -124,7 +117,7 @@ def load_checkpoint(
     (relative path, NUL, contents, in unet, vae, text_encoder order).
     """
     path = Path(path)
-    prediction = _normalize_prediction(prediction_type)
+    prediction = families.normalize_prediction(prediction_type)
     if prediction is not None:
         PRESETS["sd15"].with_prediction_type(prediction)  # validates, UserError if unknown
     if family is not None:
@@ -157,18 +150,16 @@ def load_default_model() -> LoadedModels:
     return models
 
 
-# The loaders below call the internals through this module's names (all imported under
-# private aliases), so that replacing one here, as tests do with `_meta_modules`, takes effect.
-
-
 def _load_single_file(
     path: Path, family: str | None, prediction: str | None, use_ema: bool
 ) -> LoadedModels:
-    reader = _open_weights_file(path)
+    reader = readers.open_weights_file(path)
     try:
-        config, how = _single_file_config(reader, family, prediction)
-        components = _single_file_components(reader, config, _meta_modules(config), use_ema)
-        built = _build(config, components, path, how)
+        config, how = single_file.single_file_config(reader, family, prediction)
+        components = single_file.single_file_components(
+            reader, config, assembly.meta_modules(config), use_ema
+        )
+        built = assembly.build(config, components, path, how)
     finally:
         reader.close()
     return LoadedModels(
@@ -177,19 +168,21 @@ def _load_single_file(
         text_encoder=built["text_encoder"],
         config=config,
         source=str(path),
-        source_sha256=file_sha256(path),
+        source_sha256=sha256_file(path),
     )
 
 
 def _load_diffusers_folder(
     folder: Path, family: str | None, prediction: str | None
 ) -> LoadedModels:
-    _check_folder_layout(folder)
-    config, how = _folder_config(folder, family, prediction)
-    readers, files = _open_components(folder)
+    diffusers_folder.check_layout(folder)
+    config, how = diffusers_configs.folder_config(folder, family, prediction)
+    readers, files = diffusers_folder.open_components(folder)
     try:
-        components = _folder_components(readers, config, _meta_modules(config))
-        built = _build(config, components, folder, how)
+        components = diffusers_folder.folder_components(
+            readers, config, assembly.meta_modules(config)
+        )
+        built = assembly.build(config, components, folder, how)
     finally:
         for reader in readers.values():
             reader.close()
@@ -199,6 +192,6 @@ def _load_diffusers_folder(
         text_encoder=built["text_encoder"],
         config=config,
         source=str(folder),
-        source_sha256=_files_sha256(folder, files),
-        tokenizer_dir=_tokenizer_dir(folder),
+        source_sha256=files_sha256(folder, files),
+        tokenizer_dir=diffusers_folder.tokenizer_dir(folder),
     )

@@ -17,7 +17,7 @@ from sd_deploy.models.checkpoints.layout import (
 )
 from sd_deploy.models.checkpoints.metadata import config_metadata
 from sd_deploy.models.checkpoints.openclip import openclip_state_dict
-from sd_deploy.models.loading import LoadedModels
+from sd_deploy.models.loaded import LoadedModels
 
 
 def ldm_state_dict(
