@@ -32,16 +32,22 @@ REPO = Path(__file__).resolve().parents[2]
 
 def tensorrt_sources(root: Path = REPO) -> list[Path]:
     """The project's TensorRT code: engines/, runtime/backends/tensorrt*, and any other
-    sd_deploy module that imports tensorrt, polygraphy or cuda-python."""
+    sd_deploy module that imports tensorrt, polygraphy or cuda-python (directly or via
+    import_optional) -- except the lazy-import helper itself."""
     package = root / "sd_deploy"
     found = set((package / "engines").rglob("*.py"))
     for path in (package / "runtime" / "backends").glob("tensorrt*"):
         found.update([path] if path.is_file() else path.rglob("*.py"))
-    pattern = re.compile(r"^\s*(import|from)\s+(tensorrt|polygraphy|cuda)\b", re.M)
+    pattern = re.compile(
+        r"^\s*(import|from)\s+(tensorrt|polygraphy|cuda)\b"  # a direct import
+        r"|import\w*\(\s*[\"'](tensorrt|polygraphy|cuda)\b",  # or a lazy-import helper
+        re.M,
+    )
     for path in package.rglob("*.py"):
         if pattern.search(path.read_text()):
             found.add(path)
-    return sorted(p for p in found if p.suffix == ".py")
+    helper = package / "engine_dir" / "libraries.py"
+    return sorted(p for p in found if p.suffix == ".py" and p != helper)
 
 
 def module_name(path: Path, root: Path = REPO) -> str:
