@@ -17,12 +17,20 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from sd_deploy.engine_dir.layout import build_command
-from sd_deploy.engine_dir.manifest import ComponentSpec, Manifest, ShapeRange, ShapeRanges
+from sd_deploy.engine_dir.manifest import (
+    CONTEXT_CHUNK,
+    ComponentSpec,
+    Manifest,
+    ShapeRange,
+    ShapeRanges,
+)
 from sd_deploy.errors import BuildError, RequestError, UserError
 
 # Pixel sizes must be multiples of this (the VAE downsamples 8x).
 PIXEL_MULTIPLE = 8
 DIMENSIONS = ("batch", "height", "width")
+# The UNet's context length: prompts of up to 3 chunks (225 text tokens) by default.
+DEFAULT_CONTEXT_LENGTH = ShapeRange(CONTEXT_CHUNK, CONTEXT_CHUNK, 3 * CONTEXT_CHUNK)
 
 # input name -> {"min": shape, "opt": shape, "max": shape}; the JSON form too.
 ProfileShapes = dict[str, dict[str, list[int]]]
@@ -67,17 +75,38 @@ def _multiple(name: str) -> int:
 def check_ranges(ranges: ShapeRanges) -> ShapeRanges:
     for name in DIMENSIONS:
         check_range(getattr(ranges, name), name, _multiple(name))
+    check_range(ranges.context_length, "context-length", CONTEXT_CHUNK)
     return ranges
 
 
 def default_ranges(default_size: int, max_batch: int = 4) -> ShapeRanges:
-    """Half to double the model's native size, batch 1..max_batch (opt 1)."""
+    """Half to double the model's native size, batch 1..max_batch (opt 1), and prompts of
+    1..3 chunks (context length 77..231, opt 77)."""
     size = ShapeRange(default_size // 2, default_size, default_size * 2)
-    return ShapeRanges(batch=ShapeRange(1, 1, max_batch), height=size, width=size)
+    return ShapeRanges(
+        batch=ShapeRange(1, 1, max_batch),
+        height=size,
+        width=size,
+        context_length=DEFAULT_CONTEXT_LENGTH,
+    )
+
+
+def parse_context_range(text: str) -> ShapeRange:
+    """--context-length 'MIN:OPT:MAX' or 'N' in tokens, each a multiple of 77."""
+    return check_range(parse_range(text, "context-length"), "context-length", CONTEXT_CHUNK)
+
+
+def max_context_chunks(ranges: ShapeRanges) -> int:
+    """The most 77-token prompt chunks a context in `ranges` holds."""
+    return max(1, ranges.context_length.max // CONTEXT_CHUNK)
 
 
 def override(
-    base: ShapeRanges, batch: str | None, height: str | None, width: str | None
+    base: ShapeRanges,
+    batch: str | None,
+    height: str | None,
+    width: str | None,
+    context_length: str | None = None,
 ) -> ShapeRanges:
     """Replace some of `base`'s ranges by flag values (N or MIN:OPT:MAX), checked."""
     result = {}
@@ -86,28 +115,36 @@ def override(
             result[name] = getattr(base, name)
         else:
             result[name] = check_range(parse_range(text, name), name, _multiple(name))
+    result["context_length"] = (
+        base.context_length if context_length is None else parse_context_range(context_length)
+    )
     return ShapeRanges(**result)
 
 
 def narrow(
-    base: ShapeRanges, batch: str | None, height: str | None, width: str | None
+    base: ShapeRanges,
+    batch: str | None,
+    height: str | None,
+    width: str | None,
+    context_length: str | None = None,
 ) -> ShapeRanges:
     """Like `override`, refusing values outside what was exported (`base`)."""
-    result = override(base, batch, height, width)
-    for name in DIMENSIONS:
+    result = override(base, batch, height, width, context_length)
+    for name in (*DIMENSIONS, "context_length"):
         old: ShapeRange = getattr(base, name)
         new: ShapeRange = getattr(result, name)
         if new.min < old.min or new.max > old.max:
+            flag = name.replace("_", "-")
             raise UserError(
-                f"{name} range {new.min}:{new.opt}:{new.max} is outside the exported range "
-                f"{old.min}:{old.opt}:{old.max} (re-export with a wider --{name})"
+                f"{flag} range {new.min}:{new.opt}:{new.max} is outside the exported range "
+                f"{old.min}:{old.opt}:{old.max} (re-export with a wider --{flag})"
             )
     return result
 
 
 def static_ranges(ranges: ShapeRanges) -> ShapeRanges:
     """Every range collapsed to its opt value (min = opt = max)."""
-    opt = {name: getattr(ranges, name).opt for name in DIMENSIONS}
+    opt = {name: getattr(ranges, name).opt for name in (*DIMENSIONS, "context_length")}
     return ShapeRanges(**{name: ShapeRange(v, v, v) for name, v in opt.items()})
 
 
@@ -118,7 +155,7 @@ def request_ranges(manifest: Manifest, components: Sequence[str]) -> ShapeRanges
     dir's image ranges, so the intersection is what the engine dir was exported for."""
     specs = [manifest.components[c] for c in components]
     result = {}
-    for name in DIMENSIONS:
+    for name in (*DIMENSIONS, "context_length"):
         rs = [getattr(s.shape_ranges, name) for s in specs]
         lo, hi = max(r.min for r in rs), min(r.max for r in rs)
         result[name] = ShapeRange(lo, min(max(rs[0].opt, lo), hi), hi)
@@ -143,9 +180,15 @@ def check_request(ranges: ShapeRanges, batch: int, height: int, width: int, wher
 
 
 def symbol_values(
-    batch: int, height: int, width: int, vae_scale_factor: int, guided: bool = True
+    batch: int,
+    height: int,
+    width: int,
+    vae_scale_factor: int,
+    guided: bool = True,
+    context_length: int = CONTEXT_CHUNK,
 ) -> dict[str, int]:
-    """Values of every shape symbol for one request (UNet batch doubles with guidance)."""
+    """Values of every shape symbol for one request (UNet batch doubles with guidance;
+    context_length is 77 x the prompt chunks)."""
     return {
         "batch": batch,
         "cfg_batch": batch * 2 if guided else batch,
@@ -153,6 +196,7 @@ def symbol_values(
         "width": width,
         "latent_height": height // vae_scale_factor,
         "latent_width": width // vae_scale_factor,
+        "context_length": context_length,
     }
 
 
@@ -180,13 +224,19 @@ def profile_shapes(
 ) -> ProfileShapes:
     """min/opt/max concrete shapes of each input: a TensorRT optimization profile.
 
-    The UNet batch spans a single unguided image (min) to 2 * max batch (guided).
+    The UNet batch spans a single unguided image (min) to 2 * max batch (guided), its
+    context length ranges.context_length.
     """
+    ctx = ranges.context_length
     lo = symbol_values(
-        ranges.batch.min, ranges.height.min, ranges.width.min, vae_scale_factor, False
+        ranges.batch.min, ranges.height.min, ranges.width.min, vae_scale_factor, False, ctx.min
     )
-    opt = symbol_values(ranges.batch.opt, ranges.height.opt, ranges.width.opt, vae_scale_factor)
-    hi = symbol_values(ranges.batch.max, ranges.height.max, ranges.width.max, vae_scale_factor)
+    opt = symbol_values(
+        ranges.batch.opt, ranges.height.opt, ranges.width.opt, vae_scale_factor, True, ctx.opt
+    )
+    hi = symbol_values(
+        ranges.batch.max, ranges.height.max, ranges.width.max, vae_scale_factor, True, ctx.max
+    )
     return {
         name: {"min": resolve(shape, lo), "opt": resolve(shape, opt), "max": resolve(shape, hi)}
         for name, shape in inputs
@@ -284,9 +334,14 @@ def request_outside_profiles(
     width: int,
     guided: bool,
     engine_dir: str,
+    context_length: int = CONTEXT_CHUNK,
 ) -> str:
-    """Why an image-level request does not fit built plans' profiles, or '' when it does."""
-    values = symbol_values(batch, height, width, manifest.model.vae_scale_factor, guided)
+    """Why an image-level request does not fit built plans' profiles, or '' when it does.
+
+    `context_length`: 77 x the prompt chunks of the request (long prompts need more)."""
+    values = symbol_values(
+        batch, height, width, manifest.model.vae_scale_factor, guided, context_length
+    )
     for component, profile in profiles.items():
         spec = manifest.components[component]
         for tensor in spec.inputs:
@@ -296,6 +351,8 @@ def request_outside_profiles(
             lo, hi = profile[tensor.name]["min"], profile[tensor.name]["max"]
             if shape_outside(shape, lo, hi):
                 mode = "guided" if guided else "unguided"
+                if context_length != CONTEXT_CHUNK:
+                    mode += f", a {context_length}-token prompt context"
                 return (
                     f"batch {batch} at {width}x{height} ({mode}) needs {component} {tensor.name} "
                     f"{shape}, outside its TensorRT plan's {lo}..{hi} (rebuild with "
@@ -303,14 +360,3 @@ def request_outside_profiles(
                     "or without --static)"
                 )
     return ""
-
-
-def format_profile(profile: Mapping[str, Mapping[str, list[int]]]) -> str:
-    """'sample 1x4x4x4..8x4x16x16, timestep 1..8' for messages and logs."""
-
-    def dims(shape: list[int]) -> str:
-        return "x".join(str(d) for d in shape) or "scalar"
-
-    return ", ".join(
-        f"{name} {dims(list(s['min']))}..{dims(list(s['max']))}" for name, s in profile.items()
-    )

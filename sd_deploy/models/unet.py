@@ -12,7 +12,6 @@ attention product and softmax run in fp32, since fp16 overflows there.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -353,8 +352,3 @@ class UNetModel(nn.Module):
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
-
-
-def unet_block_channels(config: UNetConfig) -> Sequence[int]:
-    """Channels at each resolution level (handy for diffusers configs)."""
-    return tuple(config.model_channels * m for m in config.channel_mult)
