@@ -50,6 +50,12 @@ class ShapeRange:
         return [self.min, self.opt, self.max]
 
 
+# Tokens per text-encoder call (BOS + 75 + EOS): the unit of the UNet's context length.
+CONTEXT_CHUNK = 77
+CONTEXT_CHUNK_RANGE = ShapeRange(CONTEXT_CHUNK, CONTEXT_CHUNK, CONTEXT_CHUNK)
+RANGE_NAMES = ("batch", "height", "width", "context_length")
+
+
 @dataclass(frozen=True)
 class ShapeRanges:
     """Image batch and pixel size ranges a component was exported (and is built) for.
@@ -61,13 +67,19 @@ class ShapeRanges:
     batch: ShapeRange
     height: ShapeRange
     width: ShapeRange
+    # Tokens of the UNet's text context (encoder_hidden_states axis 1): 77 per prompt chunk,
+    # so multiples of 77. Engine dirs from before long prompts lack it: one chunk.
+    context_length: ShapeRange = CONTEXT_CHUNK_RANGE
 
     def to_json(self) -> dict[str, list[int]]:
-        return {k: getattr(self, k).as_list() for k in ("batch", "height", "width")}
+        return {k: getattr(self, k).as_list() for k in RANGE_NAMES}
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> ShapeRanges:
-        return ShapeRanges(**{k: ShapeRange(*data[k]) for k in ("batch", "height", "width")})
+        ranges = {k: ShapeRange(*data[k]) for k in ("batch", "height", "width")}
+        if "context_length" in data:
+            ranges["context_length"] = ShapeRange(*data["context_length"])
+        return ShapeRanges(**ranges)
 
 
 @dataclass
@@ -119,6 +131,11 @@ class ModelInfo:
     text_embed_dim: int
     default_height: int
     default_width: int
+    # A1111's Clip skip: the largest value the text_encoder graph's `clip_skip` input takes
+    # (1: the graph has no such input). fixed_text_layer: SD 2.x, whose layer is built in
+    # (the penultimate), so Clip skip does not apply. Absent from older manifests: 1, False.
+    clip_skip_max: int = 1
+    fixed_text_layer: bool = False
 
 
 @dataclass

@@ -24,10 +24,14 @@ from sd_deploy.models.vae import VAEDecoder, VAEEncoder
 
 IO_CONVENTIONS = {
     "text_encoder": "input_ids: int32 CLIP BPE ids, BOS first, EOS after the text, padded with "
-    "tokenizer.pad_token_id to max_length; output: hidden states the UNet attends to",
+    "tokenizer.pad_token_id to max_length (one 77-token chunk of a prompt); clip_skip (when the "
+    "graph has it): int32 [1], A1111's Clip skip, 1 .. model.clip_skip_max, 1 = last layer; "
+    "output: hidden states the UNet attends to",
     "unet": "sample: the scheduler-scaled latent; timestep: float32, one per batch row; "
-    "encoder_hidden_states: text_encoder output; model_output: epsilon or v per "
-    "model.prediction_type. With guidance run uncond and cond rows in one call",
+    "encoder_hidden_states: text_encoder outputs of a prompt's chunks concatenated along the "
+    "sequence (context_length = 77 x chunks, within shape_ranges.context_length); "
+    "model_output: epsilon or v per model.prediction_type. With guidance run uncond and cond "
+    "rows in one call",
     "vae_decoder": "latent: the sampler's latent (scaling_factor is applied inside); "
     "images: RGB NCHW in [0, 1]",
     "vae_encoder": "images: RGB NCHW in [0, 1]; latent_mean / latent_std: already multiplied "
@@ -36,14 +40,28 @@ IO_CONVENTIONS = {
 
 
 class TextEncoderGraph(nn.Module):
-    """int32 ids in, hidden states out."""
+    """int32 ids in, hidden states out; the layer is chosen by `clip_skip` at run time."""
 
     def __init__(self, models: LoadedModels) -> None:
         super().__init__()
         self.text_encoder = models.text_encoder
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, clip_skip: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids.long(), clip_skip)
+
+
+class FixedLayerTextEncoderGraph(TextEncoderGraph):
+    """SD 2.x: the layer is fixed (built in), so there is no `clip_skip` input."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self.text_encoder(input_ids.long())
+
+
+def clip_skip_max(models: LoadedModels) -> int:
+    """The largest Clip skip the text encoder graph serves (1: its layer is fixed)."""
+    if models.config.fixed_text_layer:
+        return 1
+    return models.config.text_encoder.num_hidden_layers
 
 
 class UNetGraph(nn.Module):
@@ -86,6 +104,9 @@ def component_graphs(models: LoadedModels) -> dict[str, ComponentGraph]:
     cfg = models.config
     text_dim = cfg.text_encoder.hidden_size
     tokens = cfg.text_encoder.max_position_embeddings
+    text_inputs = [GraphInput("input_ids", ("cfg_batch", tokens), "int32")]
+    if not cfg.fixed_text_layer:
+        text_inputs.append(GraphInput("clip_skip", (1,), "int32"))
     lat = cfg.latent_channels
     latent_shape = ("batch", lat, "latent_height", "latent_width")
     image_shape = ("batch", 3, "height", "width")
@@ -93,8 +114,8 @@ def component_graphs(models: LoadedModels) -> dict[str, ComponentGraph]:
     return {
         "text_encoder": ComponentGraph(
             "text_encoder",
-            TextEncoderGraph,
-            (GraphInput("input_ids", ("cfg_batch", tokens), "int32"),),
+            FixedLayerTextEncoderGraph if cfg.fixed_text_layer else TextEncoderGraph,
+            tuple(text_inputs),
             (("text_embeddings", ("cfg_batch", tokens, text_dim)),),
         ),
         "unet": ComponentGraph(
@@ -103,7 +124,9 @@ def component_graphs(models: LoadedModels) -> dict[str, ComponentGraph]:
             (
                 GraphInput("sample", unet_latent, "float"),
                 GraphInput("timestep", ("cfg_batch",), "float32"),
-                GraphInput("encoder_hidden_states", ("cfg_batch", tokens, text_dim), "float"),
+                GraphInput(
+                    "encoder_hidden_states", ("cfg_batch", "context_length", text_dim), "float"
+                ),
             ),
             (("model_output", unet_latent),),
         ),
@@ -139,6 +162,9 @@ def sample_inputs(
                 ids[row, n] = 49407
                 ids[row, n + 1 :] = 49407
             arrays[graph_input.name] = ids.astype(dtype)
+        elif graph_input.name == "clip_skip":
+            # every model with the input has 2+ layers; 2 checks the non-default path
+            arrays[graph_input.name] = np.full(shape, 2, dtype=dtype)
         elif graph_input.name == "timestep":
             arrays[graph_input.name] = rng.uniform(0, 999, size=shape).astype(dtype)
         elif graph_input.name == "images":

@@ -18,6 +18,7 @@ from sd_deploy.engine_dir.atomic import staged_dir
 from sd_deploy.engine_dir.hashing import files_sha256
 from sd_deploy.engine_dir.layout import COMPONENTS
 from sd_deploy.engine_dir.manifest import (
+    CONTEXT_CHUNK,
     ComponentSpec,
     Manifest,
     ModelInfo,
@@ -29,6 +30,7 @@ from sd_deploy.errors import ExportError
 from sd_deploy.exporter.components import (
     IO_CONVENTIONS,
     ComponentGraph,
+    clip_skip_max,
     component_graphs,
     sample_inputs,
 )
@@ -65,13 +67,15 @@ def validation_shapes(
 ) -> list[dict[str, list[int]]]:
     """Two shapes inside the ranges: optimum size and batch, then minimum size at maximum batch.
 
-    Both are guided (UNet batch doubled); together they move every dynamic axis.
+    Both are guided (UNet batch doubled); together they move every dynamic axis (the edge
+    one with the longest prompt context).
     """
+    ctx = ranges.context_length
     opt = shapes.symbol_values(
-        ranges.batch.opt, ranges.height.opt, ranges.width.opt, vae_scale_factor
+        ranges.batch.opt, ranges.height.opt, ranges.width.opt, vae_scale_factor, True, ctx.opt
     )
     edge = shapes.symbol_values(
-        ranges.batch.max, ranges.height.min, ranges.width.min, vae_scale_factor
+        ranges.batch.max, ranges.height.min, ranges.width.min, vae_scale_factor, True, ctx.max
     )
     return [{i.name: shapes.resolve(i.shape, v) for i in graph.inputs} for v in (opt, edge)]
 
@@ -79,10 +83,13 @@ def validation_shapes(
 def trace_shapes(graph: ComponentGraph, vae_scale_factor: int) -> dict[str, list[int]]:
     """Small shapes to trace at: the graph's axes stay dynamic, and fp16 on a CPU is slow.
 
-    Batch 2 and an 8x8 latent, so no axis is 1 (the tracer could treat it as broadcast).
+    Batch 2, an 8x8 latent and a two-chunk context, so no axis is 1 (the tracer could treat
+    it as broadcast) and the context length is not the text encoder's 77.
     """
     side = 8 * vae_scale_factor
-    values = shapes.symbol_values(2, side, side, vae_scale_factor, guided=False)
+    values = shapes.symbol_values(
+        2, side, side, vae_scale_factor, guided=False, context_length=2 * CONTEXT_CHUNK
+    )
     return {i.name: shapes.resolve(i.shape, values) for i in graph.inputs}
 
 
@@ -195,6 +202,8 @@ def build_manifest(
             text_embed_dim=cfg.text_encoder.hidden_size,
             default_height=cfg.default_size,
             default_width=cfg.default_size,
+            clip_skip_max=clip_skip_max(models),
+            fixed_text_layer=cfg.fixed_text_layer,
         ),
         tokenizer=TokenizerInfo(
             path="tokenizer",

@@ -1,16 +1,14 @@
 """Pixels in and out: init images, uint8 conversion, PNGs that carry their parameters.
 
-PNGs get a "parameters" text chunk in the format other SD tools (AUTOMATIC1111,
-ComfyUI importers, civitai) read: prompt, "Negative prompt: ...", then
-"Steps: N, Sampler: X, CFG scale: G, Seed: S, Size: WxH, Model: M".
+PNGs get a "parameters" text chunk exactly as AUTOMATIC1111 v1.6.0 writes it (see
+sd_deploy.runtime.infotext), which other SD tools (A1111, ComfyUI importers, civitai) read.
 """
 
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
@@ -48,23 +46,22 @@ def prepare_init_image(image: np.ndarray | Image.Image, width: int, height: int)
     return (np.asarray(pil, np.float32) / 255.0).transpose(2, 0, 1)[None]
 
 
-def parameters_text(params: Mapping[str, Any]) -> str:
-    """The A1111-style "parameters" string for one image."""
-    lines = [str(params.get("prompt", ""))]
-    if params.get("negative_prompt"):
-        lines.append(f"Negative prompt: {params['negative_prompt']}")
-    fields = {
-        "Steps": params.get("steps"),
-        "Sampler": params.get("sampler"),
-        "CFG scale": params.get("guidance"),
-        "Seed": params.get("seed"),
-        "Size": f"{params.get('width')}x{params.get('height')}",
-        "Denoising strength": params.get("strength"),
-        "Model": params.get("model"),
-        "Backend": params.get("backend"),
-    }
-    lines.append(", ".join(f"{k}: {v}" for k, v in fields.items() if v is not None))
-    return "\n".join(lines)
+def read_png_parameters(path: str | Path) -> str:
+    """The "parameters" text an image carries (A1111 writes it in PNG tEXt/iTXt chunks and
+    in JPEG/WebP EXIF UserComment; PNG only here); one-line errors when it has none."""
+    path = Path(path)
+    try:
+        with Image.open(path) as image:
+            text = image.info.get("parameters")
+    except FileNotFoundError:
+        raise RequestError(f"image {path} does not exist") from None
+    except IsADirectoryError:
+        raise RequestError(f"image {path} is a directory") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise RequestError(f"image {path} is not a readable image ({exc})") from None
+    if not isinstance(text, str) or not text.strip():
+        raise RequestError(f"image {path} has no generation parameters (no 'parameters' text)")
+    return text
 
 
 def check_writable_dir(directory: str | Path) -> Path:

@@ -93,8 +93,9 @@ def model_short_hash(sha256: str | None) -> str | None:
 
 
 def model_display_name(source: str | None) -> str | None:
-    """A1111's `Model`: the checkpoint's file name without its extension."""
-    if not source:
+    """A1111's `Model`: the checkpoint's file name without its extension (None for a
+    source that is no file, such as `preset:tiny:random-seed-0`)."""
+    if not source or str(source).startswith("preset:"):
         return None
     path = PurePath(str(source).rstrip("/\\"))
     checkpoint = path.suffix.lower() in (".safetensors", ".ckpt", ".pt", ".pth", ".bin")

@@ -14,6 +14,7 @@ reproduced alone, and `generate_many` can batch several callers' requests togeth
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -28,6 +29,8 @@ from sd_deploy.engine_dir.manifest import Manifest, read_manifest
 from sd_deploy.errors import GenerationCancelled, NonFiniteOutputError, RequestError
 from sd_deploy.runtime.backends import Backend, ComponentSession, select_backend
 from sd_deploy.runtime.images import prepare_init_image, to_uint8
+from sd_deploy.runtime.infotext import model_display_name, model_short_hash
+from sd_deploy.runtime.prompts import PromptEncoder, encode_chunks
 from sd_deploy.runtime.request import (
     BackendOptions,
     GenerationRequest,
@@ -41,6 +44,8 @@ from sd_deploy.runtime.tokenizer import CLIPTokenizer
 
 # numpy's generators take any non-negative int; A1111 seeds are 32-bit, ours may be 63-bit.
 MAX_SEED = 2**63 - 1
+
+log = logging.getLogger("sd_deploy")
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,14 @@ class Pipeline:
         self.tokenizer = CLIPTokenizer.from_dir(
             self.engine_dir / tok.path, max_length=tok.max_length, pad_token_id=tok.pad_token_id
         )
+        unet = self.manifest.components.get("unet")
+        # Prompt chunks the UNet's context takes (1 for engine dirs from before long prompts).
+        self.max_prompt_chunks = 1 if unet is None else shapes.max_context_chunks(unet.shape_ranges)
+        text = self.manifest.components.get("text_encoder")
+        self._has_clip_skip = text is not None and any(i.name == "clip_skip" for i in text.inputs)
+        prov = self.manifest.provenance
+        self._model_name = model_display_name(prov.get("source")) or self.manifest.model.family
+        self._model_hash = model_short_hash(prov.get("source_sha256"))
         self._sessions: dict[str, ComponentSession] = {}
         self.timings: dict[str, float] = {}  # seconds each component took to load
 
@@ -212,6 +225,9 @@ class Pipeline:
                 raise RequestError(f"strength must be in (0, 1], got {request.strength!r}")
             strength = float(request.strength)
         make_scheduler(sampler, sched)  # unknown sampler -> one-line error listing names
+        clip_skip = self._check_clip_skip(request.clip_skip)
+        if not isinstance(request.emphasis, bool | np.bool_):
+            raise RequestError(f"emphasis must be True or False, got {request.emphasis!r}")
         self._check_size(int(request.batch), int(height), int(width), float(guidance) > 1.0, init)
         return ResolvedRequest(
             prompt=request.prompt,
@@ -225,7 +241,38 @@ class Pipeline:
             batch=int(request.batch),
             init_image=init,
             strength=strength,
+            clip_skip=clip_skip,
+            emphasis=bool(request.emphasis),
         )
+
+    def _check_clip_skip(self, clip_skip: object) -> int:
+        """A1111's Clip skip: 1 (last layer) .. the text encoder's layers; SD 2.x ignores it."""
+        if clip_skip is None:
+            return 1
+        if not _is_int(clip_skip) or int(clip_skip) < 1:  # type: ignore[call-overload]
+            raise RequestError(f"clip_skip must be an integer >= 1, got {clip_skip!r}")
+        value = int(clip_skip)  # type: ignore[call-overload]
+        if value == 1:
+            return 1
+        m = self.manifest.model
+        if m.fixed_text_layer:
+            log.warning(
+                "clip skip %d ignored: %s conditions on a fixed text-encoder layer (SD 2.x's "
+                "penultimate), as in A1111",
+                value,
+                m.family,
+            )
+            return 1
+        if not self._has_clip_skip:
+            raise RequestError(
+                f"clip skip {value}: the text encoder of {self.engine_dir} was exported without "
+                f"a clip_skip input (re-export it: {export_command('text_encoder')})"
+            )
+        if value > m.clip_skip_max:
+            raise RequestError(
+                f"clip skip {value} is more than the text encoder's {m.clip_skip_max} layers"
+            )
+        return value
 
     def _check_size(
         self, batch: int, height: int, width: int, guided: bool, init: np.ndarray | None
@@ -374,10 +421,7 @@ class Pipeline:
                 )
 
         stop_requested(0)
-        ids = self.tokenizer.encode([row.prompt for row in rows])
-        if guided:
-            ids = np.concatenate([self.tokenizer.encode([r.negative_prompt for r in rows]), ids])
-        context = self._run("text_encoder", timings, True, {"input_ids": ids})["text_embeddings"]
+        context = self._context(common, rows, guided, timings)
 
         scheduler = make_scheduler(common.sampler, self.manifest.scheduler)
         if common.strength is None:
@@ -443,7 +487,51 @@ class Pipeline:
                 strength=common.strength,
                 model=m.family,
                 backend=self.backend.name,
+                clip_skip=common.clip_skip,
+                emphasis=common.emphasis,
+                model_name=self._model_name,
+                model_hash=self._model_hash,
             )
             for row in rows
         ]
         return GenerationResult(to_uint8(images), params, timings)
+
+    def prompt_encoder(self, emphasis: bool = True) -> PromptEncoder:
+        """Reads prompts A1111's way for this engine dir (chunks up to the UNet's range)."""
+        tok = self.tokenizer
+        return PromptEncoder(
+            tok.text_ids,
+            bos_id=tok.bos_token_id,
+            eos_id=tok.eos_token_id,
+            pad_id=tok.pad_token_id,
+            comma_id=tok.token_id(",</w>"),
+            max_chunks=self.max_prompt_chunks,
+            emphasis=emphasis,
+        )
+
+    def _context(
+        self,
+        common: ResolvedRequest,
+        rows: Sequence[_Row],
+        guided: bool,
+        timings: dict[str, float],
+    ) -> np.ndarray:
+        """The UNet's context [(2 x) rows, 77 x chunks, dim]: negatives first when guided,
+        each chunk through the text encoder, weighted, concatenated along the sequence."""
+        encoder = self.prompt_encoder(common.emphasis)
+        chunked = encoder.rows(
+            [row.prompt for row in rows],
+            [row.negative_prompt for row in rows] if guided else None,
+        )
+        count = chunked[0].num_chunks
+        calls = iter(range(count))
+        extra = {}
+        if self._has_clip_skip:
+            extra["clip_skip"] = np.array([common.clip_skip], np.int32)
+
+        def encode(ids: np.ndarray) -> np.ndarray:
+            last = next(calls) == count - 1
+            feeds = {"input_ids": ids, **extra}
+            return self._run("text_encoder", timings, last, feeds)["text_embeddings"]
+
+        return encode_chunks(chunked, encode, emphasis=common.emphasis)

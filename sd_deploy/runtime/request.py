@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from sd_deploy.runtime.images import parameters_text
+from sd_deploy.runtime.infotext import format_infotext, generation_fields
 
 # (step index, 0-based; number of steps) -> return False to cancel the generation.
 ProgressCallback = Callable[[int, int], "bool | None"]
@@ -48,7 +48,10 @@ class GenerationRequest:
     Image i of a request uses seed + i, drawn from its own generator, so any image can be
     made again alone. A seed of None or below 0 (A1111's -1) means a random one, which the
     result's parameters report. `init_image` (HxWx3 uint8 RGB) turns txt2img into img2img,
-    `strength` in (0, 1] saying how much of it is repainted."""
+    `strength` in (0, 1] saying how much of it is repainted. Prompts follow A1111's syntax:
+    `(word:1.3)` emphasis and `BREAK` unless `emphasis` is False, any length (in chunks of 75
+    tokens, up to the engine dir's context length). `clip_skip` is A1111's Clip skip (None:
+    1, the last layer; SD 2.x has a fixed layer and ignores it)."""
 
     prompt: str
     negative_prompt: str = ""
@@ -61,6 +64,8 @@ class GenerationRequest:
     batch: int = 1
     init_image: np.ndarray | None = None
     strength: float = 0.8
+    clip_skip: int | None = None
+    emphasis: bool = True
 
 
 @dataclass(frozen=True)
@@ -78,6 +83,8 @@ class ResolvedRequest:
     batch: int
     init_image: np.ndarray | None = field(default=None, compare=False, repr=False)
     strength: float | None = None  # None for txt2img
+    clip_skip: int = 1
+    emphasis: bool = True
 
     @property
     def guided(self) -> bool:
@@ -86,8 +93,18 @@ class ResolvedRequest:
 
     def batch_key(self) -> tuple[Any, ...]:
         """Requests with equal keys can run as one batched generation: same size, steps,
-        sampler, guidance and img2img strength; prompts, seeds and init images may differ."""
-        return (self.width, self.height, self.steps, self.sampler, self.guidance, self.strength)
+        sampler, guidance, img2img strength and prompt reading (clip skip, emphasis); prompts,
+        seeds and init images may differ."""
+        return (
+            self.width,
+            self.height,
+            self.steps,
+            self.sampler,
+            self.guidance,
+            self.strength,
+            self.clip_skip,
+            self.emphasis,
+        )
 
 
 @dataclass(frozen=True)
@@ -105,13 +122,33 @@ class ImageParameters:
     strength: float | None
     model: str
     backend: str
+    clip_skip: int = 1
+    emphasis: bool = True
+    # A1111's Model and Model hash: the checkpoint's file name without extension and the
+    # first 10 hex digits of its sha256 (None when the engine dir does not record them).
+    model_name: str | None = None
+    model_hash: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def infotext(self) -> str:
-        """The AUTOMATIC1111-style "parameters" text, as written into PNGs."""
-        return parameters_text(self.to_dict())
+        """The "parameters" text exactly as AUTOMATIC1111 v1.6.0 writes it into PNGs
+        (sd_deploy.runtime.infotext); `sd-run --from-png` reads it back."""
+        fields = generation_fields(
+            steps=self.steps,
+            sampler=self.sampler,
+            guidance=self.guidance,
+            seed=self.seed,
+            width=self.width,
+            height=self.height,
+            model=self.model_name,
+            strength=self.strength,
+            clip_skip=self.clip_skip,
+            emphasis=self.emphasis,
+        )
+        fields["Model hash"] = self.model_hash
+        return format_infotext(self.prompt, self.negative_prompt, fields)
 
 
 @dataclass

@@ -297,6 +297,16 @@ class CLIPTokenizer:
 
     # -- public ----------------------------------------------------------------------------
 
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of `text` alone: no BOS/EOS, no truncation (one piece of a prompt)."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a str, got {type(text).__name__}")
+        return self._text_ids(text)
+
+    def token_id(self, token: str) -> int | None:
+        """The id of a vocabulary entry (e.g. ",</w>", the comma A1111 breaks chunks at)."""
+        return self._encoder.get(token)
+
     def count_tokens(self, prompt: str) -> int:
         """Text tokens of `prompt`, without BOS/EOS and before truncation.
 
