@@ -438,11 +438,9 @@ def test_tensorrt_and_auto_backends_with_the_real_module_and_no_gpu(
     result = json.loads(done.stdout.split("RESULT ", 1)[1])
     ok, reason = result["ready"]
     assert not ok
-    assert reason in ("no CUDA GPU is visible", "cuda-python is not installed") or (
-        "no CUDA GPU is visible" in reason or "cuda-python is not installed" in reason
-    ), reason
-    kind, message = result["tensorrt"]
-    assert kind == "BuildError" and "\n" not in message and message in reason + message
+    assert reason.startswith(("no CUDA GPU is visible", "cuda-python is not installed")), reason
+    kind, message = result["tensorrt"]  # --backend tensorrt: the same reason, as an error
+    assert kind == "BuildError" and message == reason
     name, why = result["auto"]
     # With openvino installed on a CPU with bf16 instructions, auto picks OpenVINO.
     assert name in ("onnxruntime", "openvino")
