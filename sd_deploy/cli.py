@@ -298,8 +298,9 @@ def _sampler_help() -> str:
     "--backend",
     default="auto",
     show_default=True,
-    help="auto (TensorRT if its plans are usable here, else ONNX Runtime CUDA, else CPU), "
-    "tensorrt, onnxruntime, onnxruntime-cpu, onnxruntime-cuda or onnxruntime-trt.",
+    help="auto (TensorRT if its plans are usable here, else ONNX Runtime CUDA, else OpenVINO "
+    "on a CPU with bf16 instructions when installed, else ONNX Runtime CPU), tensorrt, "
+    "onnxruntime, onnxruntime-cpu, onnxruntime-cuda, onnxruntime-trt or openvino.",
 )
 @click.option(
     "--out",
@@ -320,7 +321,16 @@ def _sampler_help() -> str:
     "--no-graph-cache",
     is_flag=True,
     help="Don't keep ONNX Runtime's optimized CPU graphs in the engine dir (saves about "
-    "the graphs' size on disk; every load then re-optimizes, ~6 s for SD 1.5).",
+    "the graphs' size on disk; every load then re-optimizes, ~6 s for SD 1.5); with "
+    "OpenVINO, don't keep its compiled models there.",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16"]),
+    default="auto",
+    show_default=True,
+    help="OpenVINO's compute precision: auto is bf16 where the CPU has AMX or AVX512-BF16, "
+    "else fp32. Other backends run the graphs as exported (bf16 is refused there).",
 )
 @click.option(
     "--server",
@@ -352,6 +362,7 @@ def run_command(
     overwrite: bool,
     threads: int | None,
     no_graph_cache: bool,
+    precision: str,
     server: str | None,
     model_name: str,
     quiet: bool,
@@ -386,7 +397,9 @@ def run_command(
     from sd_deploy.runtime.images import load_init_image, output_paths, save_png
 
     image = load_init_image(init_image) if init_image is not None else None
-    options = BackendOptions(threads=threads, graph_cache=not no_graph_cache)
+    options = BackendOptions(
+        threads=threads, graph_cache=not no_graph_cache, precision=precision
+    )
     pipe = Pipeline(engine_dir, backend=backend, options=options, keep_loaded=False)
     request = GenerationRequest(
         prompt=prompt,

@@ -169,6 +169,11 @@ class Pipeline:
                 )
         return outputs
 
+    def _graph_precision(self) -> str:
+        """The UNet graph's precision as exported: what most of the compute is in."""
+        unet = self.manifest.components.get("unet")
+        return unet.precision if unet is not None else ""
+
     def close(self) -> None:
         for session in self._sessions.values():
             session.close()
@@ -487,6 +492,7 @@ class Pipeline:
                 strength=common.strength,
                 model=m.family,
                 backend=self.backend.name,
+                precision=self.backend.compute_precision() or self._graph_precision(),
                 clip_skip=common.clip_skip,
                 emphasis=common.emphasis,
                 model_name=self._model_name,

@@ -122,6 +122,8 @@ class ImageParameters:
     strength: float | None
     model: str
     backend: str
+    # What the graphs computed in (fp32, fp16, bf16); "" where unknown.
+    precision: str = ""
     clip_skip: int = 1
     emphasis: bool = True
     # A1111's Model and Model hash: the checkpoint's file name without extension and the

@@ -232,7 +232,7 @@ def test_bf16_pipeline_draws_the_held_out_prompts_as_well_as_fp32(default_engine
     combos = [c for c in shapes_data.held_out_combinations() for _ in range(4)]
     prompts = [f"a {c} {s} on a {b} background" for c, s, b in combos]
     noise = np.random.default_rng(1000).standard_normal((len(prompts), 4, 8, 8), np.float32)
-    request = GenerationRequest(prompt=prompts, batch=len(prompts), seed=1000, initial_noise=noise)
+    requests = [GenerationRequest(prompt=p, seed=1000 + i) for i, p in enumerate(prompts)]
     images = {}
     for name, backend in (
         ("fp32", "onnxruntime-cpu"),
@@ -240,7 +240,7 @@ def test_bf16_pipeline_draws_the_held_out_prompts_as_well_as_fp32(default_engine
     ):
         pipe = Pipeline(default_engine, backend=backend)
         try:
-            images[name] = pipe.generate(request).images
+            images[name] = pipe.generate_from_noise(requests, noise).images
         finally:
             pipe.close()
     fp32 = shapes_check.score(images["fp32"], combos)
@@ -253,3 +253,63 @@ def test_bf16_pipeline_draws_the_held_out_prompts_as_well_as_fp32(default_engine
     ]
     assert min(per_image) >= MIN_BF16_PSNR_DB, f"min PSNR {min(per_image):.1f} dB"
     assert np.median(per_image) >= MEDIAN_BF16_PSNR_DB, f"median {np.median(per_image):.1f} dB"
+
+
+# --------------------------------------------------------------------------- selection
+
+
+def test_backend_openvino_and_auto_on_a_bf16_cpu_choose_openvino(
+    default_engine, manifest, monkeypatch
+):
+    from sd_deploy.runtime import BackendOptions
+    from sd_deploy.runtime.backends import select_backend
+
+    backend, reason = select_backend("openvino", default_engine, manifest)
+    assert backend.name == "openvino" and reason == "requested --backend openvino"
+    monkeypatch.setattr(ov_backend, "bf16_hardware", lambda flags=None: "amx_bf16")
+    backend, reason = select_backend("auto", default_engine, manifest)
+    assert backend.name == "openvino", reason
+    assert reason.startswith("auto: OpenVINO on the CPU because ") and "amx_bf16" in reason
+    # fp32 asked for: OpenVINO's only edge here is bf16, so ONNX Runtime stays the choice.
+    backend, reason = select_backend(
+        "auto", default_engine, manifest, BackendOptions(precision="fp32")
+    )
+    assert backend.name == "onnxruntime", reason
+    monkeypatch.setattr(ov_backend, "bf16_hardware", lambda flags=None: None)
+    backend, reason = select_backend("auto", default_engine, manifest)
+    assert backend.name == "onnxruntime" and "ONNX Runtime CPU" in reason, reason
+
+
+def test_bf16_on_another_backend_is_refused(default_engine, manifest, monkeypatch):
+    from sd_deploy.runtime import BackendOptions
+    from sd_deploy.runtime.backends import select_backend
+
+    with pytest.raises(UserError, match="precision bf16 needs --backend openvino"):
+        select_backend(
+            "onnxruntime-cpu", default_engine, manifest, BackendOptions(precision="bf16")
+        )
+    with pytest.raises(UserError, match="unknown precision 'int4'"):
+        select_backend("openvino", default_engine, manifest, BackendOptions(precision="int4"))
+    monkeypatch.setattr(ov_backend, "bf16_hardware", lambda flags=None: None)
+    with pytest.raises(UserError, match="auto chose it"):
+        select_backend("auto", default_engine, manifest, BackendOptions(precision="bf16"))
+
+
+@pytest.mark.parametrize(
+    ("backend", "precision", "want"),
+    [
+        ("openvino", "fp32", "fp32"),
+        pytest.param("openvino", "bf16", "bf16", marks=needs_bf16_cpu),
+        ("onnxruntime-cpu", "auto", "fp32"),  # the graphs' own precision
+    ],
+)
+def test_image_parameters_record_the_precision(default_engine, backend, precision, want):
+    from sd_deploy.runtime import BackendOptions, GenerationRequest, Pipeline
+
+    options = BackendOptions(threads=1, precision=precision)
+    with Pipeline(default_engine, backend=backend, options=options) as pipe:
+        result = pipe.generate(GenerationRequest(prompt="a red circle", seed=1, steps=2))
+        assert result.parameters[0].precision == want
+        assert result.parameters[0].to_dict()["precision"] == want
+        if backend == "openvino":
+            assert f"unet {want}" in pipe.backend.describe()

@@ -22,7 +22,9 @@ BACKEND_NAMES = (
     "onnxruntime-cpu",
     "onnxruntime-cuda",
     "onnxruntime-trt",
+    "openvino",
 )
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def select_backend(
@@ -31,15 +33,44 @@ def select_backend(
     """Backend for `name` plus why it was chosen (shown to the user).
 
     auto: TensorRT when its library, a GPU and up-to-date plans are all present; else
-    ONNX Runtime with CUDA if available, else CPU. `options` (BackendOptions) go to
-    whichever backend is chosen.
+    ONNX Runtime with CUDA if available; else, on a CPU with bf16 instructions (AMX or
+    AVX512-BF16), OpenVINO in bf16 when installed; else ONNX Runtime CPU. `options`
+    (BackendOptions) go to whichever backend is chosen; precision bf16 needs OpenVINO.
     """
     options = options or BackendOptions()
-    threads, graph_cache = options.threads, options.graph_cache
+    threads = options.threads
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise UserError(f"threads must be >= 1, got {threads}")
     if name not in BACKEND_NAMES:
         raise UserError(f"unknown backend {name!r}; choose from {', '.join(BACKEND_NAMES)}")
+    if options.precision not in PRECISIONS:
+        raise UserError(
+            f"unknown precision {options.precision!r}; choose from {', '.join(PRECISIONS)}"
+        )
+    if options.precision == "bf16" and name not in ("auto", "openvino"):
+        raise UserError(_bf16_needs_openvino(name))
+    backend, reason = _select(name, engine_dir, manifest, options)
+    if options.precision == "bf16" and backend.name != "openvino":
+        raise UserError(_bf16_needs_openvino(backend.name) + f"; auto chose it: {reason}")
+    return backend, reason
+
+
+def _bf16_needs_openvino(name: str) -> str:
+    return f"precision bf16 needs --backend openvino ({name} runs the graphs as exported)"
+
+
+def _openvino(options: BackendOptions) -> Backend:
+    from sd_deploy.runtime.backends.openvino import OpenVinoBackend
+
+    return OpenVinoBackend(options.precision, threads=options.threads, cache=options.graph_cache)
+
+
+def _select(
+    name: str, engine_dir: Path, manifest: Manifest, options: BackendOptions
+) -> tuple[Backend, str]:
+    threads, graph_cache = options.threads, options.graph_cache
+    if name == "openvino":
+        return _openvino(options), "requested --backend openvino"
     if name == "tensorrt":
         from sd_deploy.runtime.backends.tensorrt import TensorRTBackend
 
@@ -60,10 +91,24 @@ def select_backend(
 
         backend = TensorRTBackend(engine_dir, manifest, cuda_graph=options.cuda_graph)
         return backend, f"auto: {trt_reason}"
-    if importlib.util.find_spec("onnxruntime") is None:
+    has_ort = importlib.util.find_spec("onnxruntime") is not None
+    has_openvino = importlib.util.find_spec("openvino") is not None
+    cuda = False
+    if has_ort:
+        from sd_deploy.runtime.backends.onnxruntime import available_providers
+
+        cuda = "CUDAExecutionProvider" in available_providers()
+    if not cuda and has_openvino:
+        from sd_deploy.runtime.backends.openvino import bf16_hardware
+
+        bf16 = bf16_hardware()
+        if (bf16 and options.precision != "fp32") or not has_ort:
+            why = f"the CPU has {bf16}" if bf16 else "onnxruntime is not installed"
+            return _openvino(options), f"auto: OpenVINO on the CPU because {trt_reason}, {why}"
+    if not has_ort:
         raise UserError(
-            f"no usable backend: {trt_reason}, and onnxruntime is not installed "
-            "(pip install 'sd-deploy[ort]')"
+            f"no usable backend: {trt_reason}, and neither onnxruntime nor openvino is "
+            "installed (pip install 'sd-deploy[ort]' or 'sd-deploy[openvino]')"
         )
     from sd_deploy.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
@@ -71,4 +116,11 @@ def select_backend(
     return backend, f"auto: ONNX Runtime {backend.provider.upper()} because {trt_reason}"
 
 
-__all__ = ["BACKEND_NAMES", "Backend", "ComponentSession", "select_backend", "tensorrt_ready"]
+__all__ = [
+    "BACKEND_NAMES",
+    "PRECISIONS",
+    "Backend",
+    "ComponentSession",
+    "select_backend",
+    "tensorrt_ready",
+]

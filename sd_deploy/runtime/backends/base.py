@@ -47,6 +47,11 @@ class Backend(ABC):
         """One line for logs and reports: what actually runs the graphs."""
         return self.name
 
+    def compute_precision(self) -> str:
+        """What the graphs compute in when the backend chooses it (OpenVINO's bf16); ""
+        means the graphs' own precision, as exported."""
+        return ""
+
     def check_request(self, batch: int, height: int, width: int, guided: bool) -> None:  # noqa: B027
         """Refuse, before any work, a request this backend cannot run (e.g. outside a
         TensorRT profile). The default accepts what the manifest's ranges accept."""

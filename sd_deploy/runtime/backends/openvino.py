@@ -214,13 +214,13 @@ class OpenVinoBackend(Backend):
         details = f"CPU, {shapes} shapes" + (f"; {chosen}" if chosen else "")
         return f"openvino {self.version} ({details})"
 
-    @property
-    def precision(self) -> str:
-        """One word for reports: the precision every opened component runs at, or 'mixed'."""
-        chosen = {p for p, _ in self.precisions.values()}
-        if not chosen:
-            return resolve_precision(self.requested_precision, "unet")[0]
-        return chosen.pop() if len(chosen) == 1 else "mixed"
+    def compute_precision(self) -> str:
+        """For image parameters and reports: the UNet's precision (where the time goes), with
+        the others' named where they differ, e.g. "bf16 (vae_decoder fp32)"."""
+        main = self.precisions.get("unet", (None, ""))[0]
+        main = main or resolve_precision(self.requested_precision, "unet")[0]
+        others = [f"{n} {p}" for n, (p, _) in self.precisions.items() if p != main]
+        return main + (f" ({', '.join(others)})" if others else "")
 
     def read(self, path: Path) -> Any:
         try:
