@@ -342,6 +342,22 @@ def _sampler_help() -> str:
 @click.option(
     "--model-name", default="sd", show_default=True, help="The served model (with --server)."
 )
+@click.option(
+    "--lora",
+    "loras",
+    multiple=True,
+    metavar="FILE[:SCALE]",
+    help="Apply a LoRA at run time (engine dirs exported with --lora-ready), repeatable; "
+    "<lora:name:scale> in the prompt works too.",
+)
+@click.option(
+    "--lora-dir",
+    "lora_dirs",
+    multiple=True,
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Where <lora:name:scale> prompt tags find name.safetensors (default: the current "
+    "folder); repeatable.",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def run_command(
@@ -365,6 +381,8 @@ def run_command(
     precision: str,
     server: str | None,
     model_name: str,
+    loras: tuple[str, ...],
+    lora_dirs: tuple[Path, ...],
     quiet: bool,
 ) -> None:
     """Generate images from an engine dir with the numpy runtime.
@@ -376,6 +394,8 @@ def run_command(
     if server is not None:
         if init_image is not None:
             raise UserError("--init-image: the served model does txt2img only")
+        if loras:
+            raise UserError("--lora: the served model has no run-time LoRAs")
         _run_on_server(
             server,
             model_name,
@@ -397,11 +417,12 @@ def run_command(
     from sd_deploy.runtime.images import load_init_image, output_paths, save_png
 
     image = load_init_image(init_image) if init_image is not None else None
-    options = BackendOptions(
-        threads=threads, graph_cache=not no_graph_cache, precision=precision
-    )
+    options = BackendOptions(threads=threads, graph_cache=not no_graph_cache, precision=precision)
     pipe = Pipeline(engine_dir, backend=backend, options=options, keep_loaded=False)
+    if lora_dirs:
+        pipe.lora_dirs = list(lora_dirs)
     request = GenerationRequest(
+        loras=list(loras),
         prompt=prompt,
         negative_prompt=negative_prompt,
         steps=steps,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from sd_deploy.engine_dir.lora import (
     LoraSpec,
     ResolvedLayer,
     TargetTable,
+    parse_lora_arg,
+    parse_scale,
     read_lora,
     resolve,
 )
@@ -313,3 +316,209 @@ class RefitState:
     def done(self, key: LoraSetKey, patches: Mapping[str, np.ndarray]) -> None:
         self.key = key
         self.touched = set(patches)
+
+
+class PipelineLoras:
+    """A Pipeline's run-time LoRAs: the active set, and sessions that carry it.
+
+    ONNX Runtime (a backend with `open_patched`): each LoRA set gets its own unet /
+    text_encoder sessions, kept in a `LoraSessionCache`; the base sessions stay as loaded.
+    TensorRT (a backend with `refit`): the one engine per component is refit to the set a
+    generation asks for (and back to base values when it asks for none).
+    """
+
+    def __init__(
+        self,
+        engine_dir: Path,
+        backend: Any,
+        spec_of: Callable[[str], Any],
+        base_session: Callable[[str], Any],
+        max_sets: int = DEFAULT_MAX_LORA_SETS,
+    ) -> None:
+        """`spec_of(name)`: the component's ComponentSpec; `base_session(name)`: its base
+        session (loaded if needed), which a TensorRT refit updates in place."""
+        self.engine_dir = Path(engine_dir)
+        self.backend = backend
+        self.spec_of = spec_of
+        self.base_session = base_session
+        self.cache = LoraSessionCache(max_sets)
+        self._library: LoraLibrary | None = None
+        self.key: LoraSetKey = ()
+        self._resolved: list[ResolvedLayer] = []
+        self._patches: dict[str, dict[str, np.ndarray]] | None = None
+        self._refit: dict[str, RefitState] = {}
+        self.timings: dict[str, float] = {}
+
+    @property
+    def library(self) -> LoraLibrary:
+        if self._library is None:
+            self._library = LoraLibrary(self.engine_dir)
+        return self._library
+
+    def check(self, specs: Sequence[LoraSpec]) -> tuple[LoraSetKey, list[AppliedLoraInfo]]:
+        """Read and match a set now (validation): a bad LoRA fails before any work."""
+        if not specs:
+            return (), []
+        self._check_backend()
+        key, _, infos = self.library.resolve(specs)
+        return key, infos
+
+    def _check_backend(self) -> None:
+        if not hasattr(self.backend, "open_patched") and not hasattr(self.backend, "refit"):
+            raise LoraError(
+                f"the {self.backend.name} backend cannot switch LoRAs at run time; use "
+                "--backend onnxruntime or tensorrt, or merge them at export (sd-export --lora)"
+            )
+
+    def select_pairs(self, pairs: Sequence[tuple[str, float]]) -> list[AppliedLoraInfo]:
+        """`select` from a ResolvedRequest's (file, scale) pairs."""
+        return self.select([LoraSpec(Path(path), scale) for path, scale in pairs])
+
+    def select(self, specs: Sequence[LoraSpec]) -> list[AppliedLoraInfo]:
+        """Make `specs` the set the next component runs use."""
+        if not specs:
+            self.key, self._resolved, self._patches = (), [], None
+            self._restore_refits()
+            return []
+        key, resolved, infos = self.library.resolve(specs)
+        if key != self.key:
+            self.key, self._resolved, self._patches = key, resolved, None
+        self._check_backend()
+        if not hasattr(self.backend, "open_patched"):
+            self._apply_refits()
+        return infos
+
+    def _patches_now(self) -> dict[str, dict[str, np.ndarray]]:
+        if self._patches is None:
+            import time
+
+            start = time.perf_counter()
+            self._patches = self.library.patches(self._resolved)
+            self.timings["lora_patch"] = time.perf_counter() - start
+        return self._patches
+
+    def session(self, name: str) -> Any | None:
+        """The session carrying the active set for `name`, or None: use the base session."""
+        if not self.key or name not in LORA_COMPONENTS or not hasattr(self.backend, "open_patched"):
+            return None
+        if self.key in self.cache:
+            sessions = self.cache.get(self.key, dict)
+        else:
+            patches = self._patches_now()
+            sessions = self.cache.get(self.key, lambda: {"_patches": patches})
+        if name not in sessions:
+            patches = sessions["_patches"].get(name)
+            if patches is None:
+                return None  # the set does not touch this component
+            spec = self.spec_of(name)
+            sessions[name] = self.backend.open_patched(self.engine_dir, spec, patches)
+        return sessions[name]
+
+    def release(self, name: str) -> None:
+        """Free `name`'s patched session of the active set (keep_loaded=False)."""
+        if self.key in self.cache:
+            sessions = self.cache.get(self.key, dict)
+            session = sessions.pop(name, None)
+            if session is not None:
+                session.close()
+
+    def _apply_refits(self) -> None:
+        patches = self._patches_now()
+        for name in LORA_COMPONENTS:
+            targets = self.library.components.get(name)
+            if targets is None:
+                continue
+            state = self._refit.setdefault(name, RefitState())
+            wanted = patches.get(name, {})
+            if state.key == self.key and state.touched == set(wanted):
+                continue
+            session = self.base_session(name)
+            weights = state.plan(self.key, wanted, targets.initializer)
+            self.backend.refit(session, weights, targets.initializer)
+            state.done(self.key, wanted)
+
+    def _restore_refits(self) -> None:
+        for name, state in self._refit.items():
+            if state.touched:
+                targets = self.library.components[name]
+                session = self.base_session(name)
+                weights = state.plan((), {}, targets.initializer)
+                self.backend.refit(session, weights, targets.initializer)
+                state.done((), {})
+
+    def close(self) -> None:
+        self.cache.clear()
+
+
+# A1111's extra-network tag for LoRAs: <lora:name> or <lora:name:scale>.
+_LORA_TAG = re.compile(r"<lora:([^:>]+)(?::([^:>]*))?>")
+
+
+def extract_lora_tags(prompt: str) -> tuple[str, list[tuple[str, float]]]:
+    """The prompt without its `<lora:name:scale>` tags (as A1111 strips them before the text
+    encoder), and the tags' (name, scale) in order; a scale that is not a number is a
+    one-line LoraError."""
+    tags = []
+    for m in _LORA_TAG.finditer(prompt):
+        name = m[1].strip()
+        scale = 1.0 if not m[2] or not m[2].strip() else parse_scale(m[2].strip(), f"<lora:{name}>")
+        tags.append((name, scale))
+    text = _LORA_TAG.sub("", prompt)
+    return re.sub(r"[ \t]{2,}", " ", text).strip() if tags else prompt, tags
+
+
+def _spec(item: Any) -> LoraSpec:
+    if isinstance(item, LoraSpec):
+        return item
+    if isinstance(item, str | Path):
+        return parse_lora_arg(os.fspath(item))
+    try:
+        path, scale = item
+    except (TypeError, ValueError):
+        raise LoraError(f"a LoRA is FILE[:SCALE] or (file, scale), got {item!r}") from None
+    if isinstance(scale, str):
+        return LoraSpec(Path(path), parse_scale(scale, str(path)))
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not np.isfinite(scale):
+        raise LoraError(f"LoRA scale {scale!r} for {path} is not a number")
+    return LoraSpec(Path(path), float(scale))
+
+
+def resolve_request_loras(
+    loras: Sequence[Any],
+    tags: Sequence[tuple[str, float]],
+    lora_dirs: Sequence[Path],
+    merged: Sequence[Mapping[str, Any]] = (),
+) -> list[LoraSpec]:
+    """A request's run-time LoRAs: its `loras`, then its prompt tags found as
+    `<dir>/<name>.safetensors`. A tag naming a LoRA merged at export (at the same scale)
+    or already in `loras` (same scale) adds nothing: weights are never applied twice."""
+    specs = [_spec(item) for item in loras]
+    for name, scale in tags:
+        done = [m for m in merged if m.get("name") == name]
+        if done:
+            if float(done[0].get("scale", 1.0)) != scale:
+                raise LoraError(
+                    f"<lora:{name}:{scale:g}>: {name} is merged into this engine dir at "
+                    f"{float(done[0]['scale']):g}; re-export to change it"
+                )
+            continue
+        given = [s for s in specs if s.name == name]
+        if given:
+            if given[0].scale != scale:
+                raise LoraError(
+                    f"<lora:{name}:{scale:g}> disagrees with the LoRA {given[0].path} at "
+                    f"{given[0].scale:g} in the same request"
+                )
+            continue
+        for folder in lora_dirs:
+            path = Path(folder) / f"{name}.safetensors"
+            if path.is_file():
+                specs.append(LoraSpec(path, scale))
+                break
+        else:
+            where = ", ".join(str(d) for d in lora_dirs) or "no LoRA folder"
+            raise LoraError(
+                f"<lora:{name}:{scale:g}> in the prompt: no {name}.safetensors in {where} "
+                "(sd-run --lora-dir DIR, or Pipeline.lora_dirs)"
+            )
+    return specs

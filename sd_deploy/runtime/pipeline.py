@@ -30,6 +30,7 @@ from sd_deploy.errors import GenerationCancelled, NonFiniteOutputError, RequestE
 from sd_deploy.runtime.backends import Backend, ComponentSession, select_backend
 from sd_deploy.runtime.images import prepare_init_image, to_uint8
 from sd_deploy.runtime.infotext import model_display_name, model_short_hash
+from sd_deploy.runtime.lora import PipelineLoras, extract_lora_tags, resolve_request_loras
 from sd_deploy.runtime.prompts import PromptEncoder, encode_chunks
 from sd_deploy.runtime.request import (
     BackendOptions,
@@ -108,6 +109,13 @@ class Pipeline:
         self._model_hash = model_short_hash(prov.get("source_sha256"))
         self._sessions: dict[str, ComponentSession] = {}
         self.timings: dict[str, float] = {}  # seconds each component took to load
+        # Run-time LoRAs (--lora-ready engine dirs): patched sessions per LoRA set (LRU).
+        # `lora_dirs`: where `<lora:name:scale>` prompt tags look for name.safetensors.
+        self.lora = PipelineLoras(
+            self.engine_dir, self.backend, self.manifest.components.__getitem__, self._session
+        )
+        self.lora_dirs: list[Path] = [Path.cwd()]
+        self._merged_loras = [dict(x) for x in prov.get("loras") or ()]
 
     @property
     def backend_name(self) -> str:
@@ -122,7 +130,11 @@ class Pipeline:
     # -- components ---------------------------------------------------------------------
 
     def _session(self, name: str) -> ComponentSession:
-        """The component's session, loaded on first use (vae_encoder only for img2img)."""
+        """The component's session, loaded on first use (vae_encoder only for img2img); the
+        active run-time LoRA set's session for the unet / text_encoder it patches."""
+        patched = self.lora.session(name)
+        if patched is not None:
+            return patched
         if name not in self._sessions:
             spec = self.manifest.components.get(name)
             if spec is None:
@@ -161,7 +173,10 @@ class Pipeline:
         outputs = session.run(feeds, release_scratch=last)
         timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
         if last and not self.keep_loaded:
-            self._sessions.pop(name).close()
+            if self._sessions.get(name) is session:
+                self._sessions.pop(name).close()
+            else:
+                self.lora.release(name)
         for key, value in outputs.items():
             if not np.isfinite(value).all():
                 raise NonFiniteOutputError(
@@ -175,6 +190,7 @@ class Pipeline:
         return unet.precision if unet is not None else ""
 
     def close(self) -> None:
+        self.lora.close()
         for session in self._sessions.values():
             session.close()
         self._sessions.clear()
@@ -234,8 +250,11 @@ class Pipeline:
         if not isinstance(request.emphasis, bool | np.bool_):
             raise RequestError(f"emphasis must be True or False, got {request.emphasis!r}")
         self._check_size(int(request.batch), int(height), int(width), float(guidance) > 1.0, init)
+        prompt, tags = extract_lora_tags(request.prompt)
+        loras = resolve_request_loras(request.loras, tags, self.lora_dirs, self._merged_loras)
+        self.lora.check(loras)  # a bad LoRA fails here, before any work
         return ResolvedRequest(
-            prompt=request.prompt,
+            prompt=prompt,
             negative_prompt=request.negative_prompt,
             width=int(width),
             height=int(height),
@@ -248,6 +267,7 @@ class Pipeline:
             strength=strength,
             clip_skip=clip_skip,
             emphasis=bool(request.emphasis),
+            loras=tuple((str(spec.path), spec.scale) for spec in loras),
         )
 
     def _check_clip_skip(self, clip_skip: object) -> int:
@@ -426,6 +446,9 @@ class Pipeline:
                 )
 
         stop_requested(0)
+        applied = self.lora.select_pairs(common.loras)
+        loras = tuple((x["name"], float(x["scale"]), "") for x in self._merged_loras)
+        loras += tuple((a.name, a.scale, a.short_hash) for a in applied)
         context = self._context(common, rows, guided, timings)
 
         scheduler = make_scheduler(common.sampler, self.manifest.scheduler)
@@ -497,6 +520,7 @@ class Pipeline:
                 emphasis=common.emphasis,
                 model_name=self._model_name,
                 model_hash=self._model_hash,
+                loras=loras,
             )
             for row in rows
         ]

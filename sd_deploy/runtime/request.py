@@ -9,7 +9,7 @@ refused, before any work.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -66,6 +66,9 @@ class GenerationRequest:
     strength: float = 0.8
     clip_skip: int | None = None
     emphasis: bool = True
+    # LoRAs applied at run time (engine dirs exported with --lora-ready): each a
+    # "FILE[:SCALE]" string or a (file, scale) pair; `<lora:name:scale>` in the prompt too.
+    loras: Sequence[Any] = ()
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,8 @@ class ResolvedRequest:
     strength: float | None = None  # None for txt2img
     clip_skip: int = 1
     emphasis: bool = True
+    # (file, scale) of each run-time LoRA, prompt tags included (the prompt keeps no tags)
+    loras: tuple[tuple[str, float], ...] = ()
 
     @property
     def guided(self) -> bool:
@@ -104,6 +109,7 @@ class ResolvedRequest:
             self.strength,
             self.clip_skip,
             self.emphasis,
+            self.loras,
         )
 
 
@@ -130,6 +136,9 @@ class ImageParameters:
     # first 10 hex digits of its sha256 (None when the engine dir does not record them).
     model_name: str | None = None
     model_hash: str | None = None
+    # LoRAs in effect (merged at export or applied at run time): (name, scale, short hash);
+    # the infotext shows them as A1111 does, `<lora:name:scale>` in the prompt + Lora hashes.
+    loras: tuple[tuple[str, float, str], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -148,9 +157,13 @@ class ImageParameters:
             strength=self.strength,
             clip_skip=self.clip_skip,
             emphasis=self.emphasis,
+            lora_hashes={name: short for name, _, short in self.loras if short},
         )
         fields["Model hash"] = self.model_hash
-        return format_infotext(self.prompt, self.negative_prompt, fields)
+        prompt = self.prompt
+        for name, scale, _ in self.loras:
+            prompt += f" <lora:{name}:{scale:g}>"
+        return format_infotext(prompt.strip(), self.negative_prompt, fields)
 
 
 @dataclass

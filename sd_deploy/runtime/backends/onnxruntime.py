@@ -80,6 +80,7 @@ class OnnxRuntimeSession(ComponentSession):
         self.session = session
         self.release_options = release_options
         self.output_names = [o.name for o in spec.outputs]
+        self.keep_alive: Any = None  # buffers a patched session's weights live in
 
     def run(
         self, feeds: Mapping[str, np.ndarray], release_scratch: bool = False
@@ -91,6 +92,7 @@ class OnnxRuntimeSession(ComponentSession):
     def close(self) -> None:
         """Drop the InferenceSession: ONNX Runtime frees its weights and buffers with it."""
         self.session = None
+        self.keep_alive = None
 
 
 class OnnxRuntimeBackend(Backend):
@@ -102,7 +104,6 @@ class OnnxRuntimeBackend(Backend):
         self,
         provider: str = "auto",
         threads: int | None = None,
-        trt_cache_dir: Path | None = None,
         graph_cache: bool = True,
     ) -> None:
         """`graph_cache`: on the CPU provider, keep ONNX Runtime's optimized graphs in the
@@ -125,7 +126,6 @@ class OnnxRuntimeBackend(Backend):
         self.provider = provider
         self.providers = [p for p in PROVIDER_CHOICES[provider] if p in available]
         self.threads = threads
-        self.trt_cache_dir = trt_cache_dir
         self.graph_cache = graph_cache and self.providers[0] == "CPUExecutionProvider"
         self._ort = ort
         # Only the CPU provider keeps activations in the CPU arena; on a GPU it holds
@@ -145,7 +145,7 @@ class OnnxRuntimeBackend(Backend):
             if name != "TensorrtExecutionProvider":
                 result.append(name)
                 continue
-            cache = self.trt_cache_dir or engine_dir / spec.name / "ort_trt_cache"
+            cache = engine_dir / spec.name / "ort_trt_cache"
             cache.mkdir(parents=True, exist_ok=True)
             profile = {
                 key: ",".join(
@@ -201,6 +201,27 @@ class OnnxRuntimeBackend(Backend):
         else:
             session = self.create(path, self.session_options(), engine_dir, spec)
         return OnnxRuntimeSession(spec, session, self.release_options)
+
+    def open_patched(
+        self, engine_dir: Path, spec: ComponentSpec, initializers: Mapping[str, np.ndarray]
+    ) -> ComponentSession:
+        """A session of the component with some initializers replaced (run-time LoRAs).
+
+        The arrays go in as external initializers of an all-external (`--lora-ready`)
+        graph: ONNX Runtime then optimizes with them as if they were on disk. (Overrides
+        through `add_initializer` are not seen by the CPU provider's NCHWc conv rewrite.)
+        The optimized-graph cache holds base weights, so it is not used here.
+        """
+        names = list(initializers)
+        arrays = [np.ascontiguousarray(initializers[n]) for n in names]
+        values = [self._ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+        options = self.session_options()
+        if names:
+            options.add_external_initializers(names, values)
+        session = self.create(Path(engine_dir) / spec.onnx, options, engine_dir, spec)
+        result = OnnxRuntimeSession(spec, session, self.release_options)
+        result.keep_alive = (arrays, values)  # ONNX Runtime reads the weights from these
+        return result
 
     def open_through_cache(self, path: Path, engine_dir: Path, spec: ComponentSpec) -> Any:
         """Load the cached optimized graph, or optimize the source and write the cache."""

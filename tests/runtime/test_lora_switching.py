@@ -1,0 +1,175 @@
+"""Run-time LoRA switching on a --lora-ready engine dir against a merged export.
+
+The default (trained) model, fp32, ONNX Runtime CPU. One LoRA file (kohya, every
+attention and conv layer of the UNet and every text-encoder linear) is
+
+- merged before export (`sd-export --lora FILE:0.8`), and
+- applied at run time to the base export (`GenerationRequest.loras`, `<lora:...>` tags);
+
+the images must agree (PSNR >= 40 dB), and switching back to no LoRA must give the base
+images bit for bit.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("torch")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
+from lora_files import write_lora  # noqa: E402
+
+from sd_deploy.errors import UserError  # noqa: E402
+from sd_deploy.metrics import psnr  # noqa: E402
+from sd_deploy.runtime import GenerationRequest, Pipeline  # noqa: E402
+
+SCALE = 0.8
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    """(base lora-ready engine dir, merged engine dir, LoRA file, second LoRA file)."""
+    from sd_deploy.exporter import export_engine_dir
+    from sd_deploy.models import load_models
+    from sd_deploy.models.lora import LoraSpec, merge_loras
+
+    root = tmp_path_factory.mktemp("lora")
+    models = load_models()
+    style = write_lora(root / "style.safetensors", models, "kohya", rank=4, alpha=2.0,
+                       every=True, magnitude=0.03)  # fmt: skip
+    other = write_lora(root / "other.safetensors", models, "peft", rank=2, seed=9,
+                       components=("unet",), magnitude=0.03)  # fmt: skip
+    base = root / "base"
+    export_engine_dir(models, base, lora_ready=True, progress=False)
+    applied = merge_loras(models, [LoraSpec(style, SCALE)])
+    merged = root / "merged"
+    export_engine_dir(
+        models, merged, progress=False, validate=False, loras=[a.to_dict() for a in applied]
+    )
+    return base, merged, style, other
+
+
+def request(**kw) -> GenerationRequest:
+    args = {"prompt": "a red circle on a blue square", "seed": 3, "steps": 8, "batch": 2}
+    return GenerationRequest(**{**args, **kw})
+
+
+def test_switching_matches_the_merged_export_and_back_is_bit_exact(dirs) -> None:
+    base_dir, merged_dir, style, other = dirs
+    with Pipeline(merged_dir, backend="onnxruntime-cpu") as merged:
+        want = merged.generate(request())
+        assert f"<lora:style:{SCALE:g}>" in want.parameters[0].infotext()
+
+    with Pipeline(base_dir, backend="onnxruntime-cpu") as pipe:
+        base = pipe.generate(request()).images
+        styled = pipe.generate(request(loras=[(style, SCALE)]))
+        quality = psnr(styled.images / 255.0, want.images / 255.0)
+        effect = psnr(base / 255.0, want.images / 255.0)
+        print(
+            f"run-time LoRA vs merged export: PSNR {quality:.1f} dB (base vs merged {effect:.1f})"
+        )
+        assert quality >= 40.0
+        assert effect < 30.0  # the LoRA really changes the images
+        text = styled.parameters[0].infotext()
+        assert f"a red circle on a blue square <lora:style:{SCALE:g}>" in text
+        assert 'Lora hashes: "style: ' in text
+
+        back = pipe.generate(request()).images
+        assert np.array_equal(back, base)  # the base sessions were never touched
+
+        # two sets kept (LRU of 2), alternating: each image is what that set gives
+        again = pipe.generate(request(loras=[f"{other}:0.5"])).images
+        assert not np.array_equal(again, base)
+        assert np.array_equal(pipe.generate(request(loras=[(style, SCALE)])).images, styled.images)
+        assert np.array_equal(pipe.generate(request(loras=[f"{other}:0.5"])).images, again)
+        assert len(pipe.lora.cache) == 2
+        assert np.array_equal(pipe.generate(request()).images, base)
+
+    with Pipeline(base_dir, backend="onnxruntime-cpu") as fresh:
+        assert np.array_equal(fresh.generate(request()).images, base)
+
+
+def test_prompt_tags_and_batching(dirs) -> None:
+    base_dir, _, style, _ = dirs
+    with Pipeline(base_dir, backend="onnxruntime-cpu") as pipe:
+        pipe.lora_dirs = [style.parent]
+        tagged = pipe.generate(
+            request(prompt=f"a red circle on a blue square <lora:style:{SCALE}>")
+        )
+        given = pipe.generate(request(loras=[(style, SCALE)]))
+        assert np.array_equal(tagged.images, given.images)
+        assert tagged.parameters[0].prompt == "a red circle on a blue square"
+        # a tag repeating a request LoRA at the same scale adds nothing
+        both = pipe.generate(request(prompt=f"a red circle on a blue square <lora:style:{SCALE}>",
+                                     loras=[(style, SCALE)]))  # fmt: skip
+        assert np.array_equal(both.images, given.images)
+        # requests with different LoRA sets never share a batch
+        a, b = pipe.generate_many([request(batch=1), request(batch=1, loras=[(style, SCALE)])])
+        assert np.array_equal(b.images[0], given.images[0])
+        assert not np.array_equal(a.images[0], b.images[0])
+
+
+def test_bad_run_time_loras_are_one_line_errors(dirs, tmp_path) -> None:
+    base_dir, merged_dir, style, _ = dirs
+
+    def refused(pipe, req, match):
+        with pytest.raises(UserError) as info:
+            pipe.validate(req)
+        assert match in str(info.value) and "\n" not in str(info.value), str(info.value)
+
+    with Pipeline(base_dir, backend="onnxruntime-cpu") as pipe:
+        refused(pipe, request(prompt="x <lora:style:strong>"), "is not a number")
+        refused(pipe, request(prompt="x <lora:nowhere:1>"), "no nowhere.safetensors")
+        refused(pipe, request(loras=[(style, "abc")]), "is not a number")
+        refused(pipe, request(loras=[tmp_path / "missing.safetensors"]), "does not exist")
+        cut = tmp_path / "cut.safetensors"
+        cut.write_bytes(style.read_bytes()[:1000])
+        refused(pipe, request(loras=[cut]), "truncated")
+        pipe.lora_dirs = [style.parent]
+        refused(pipe, request(prompt="x <lora:style:0.5>", loras=[(style, 1.0)]), "disagrees")
+    with Pipeline(merged_dir, backend="onnxruntime-cpu") as merged:
+        refused(merged, request(loras=[(style, 1.0)]), "exported without --lora-ready")
+        merged.lora_dirs = [style.parent]
+        refused(merged, request(prompt="x <lora:style:0.5>"), "merged into this engine dir")
+        # the merged LoRA's own tag at its own scale is accepted and changes nothing
+        merged.validate(request(prompt=f"x <lora:style:{SCALE}>"))
+
+
+def test_cli_lora_flags(dirs, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from sd_deploy.cli import export_command, run_command
+
+    base_dir, _, style, _ = dirs
+    runner = CliRunner()
+    result = runner.invoke(
+        run_command,
+        ["--engine", str(base_dir), "--prompt", "a red circle", "--steps", "2", "--seed", "1",
+         "--lora", f"{style}:{SCALE}", "--out", str(tmp_path / "out"), "--quiet",
+         "--backend", "onnxruntime-cpu"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    from PIL import Image
+
+    png = next((tmp_path / "out").glob("*.png"))
+    assert f"<lora:style:{SCALE:g}>" in Image.open(png).info["parameters"]
+
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
+    out = tmp_path / "never"
+    result = runner.invoke(
+        export_command,
+        ["--model", "tiny", "--random-weights", "--lora", f"{bad}:0.5", "--out", str(out)],
+    )
+    assert result.exit_code != 0
+    assert "has no LoRA weights" in result.output, result.output
+    assert not out.exists()  # nothing written
+    result = runner.invoke(
+        export_command, ["--model", "tiny", "--random-weights", "--lora", f"{style}:x"]
+    )
+    assert result.exit_code != 0 and "is not a number" in result.output
