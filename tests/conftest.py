@@ -32,3 +32,14 @@ def tiny_engine_fp32(tmp_path_factory, tiny_models) -> Path:
 def tiny_engine_fp16(tmp_path_factory, tiny_models) -> Path:
     """All four components of `tiny`, fp16, validated. Treat as read-only."""
     return _export(tmp_path_factory, tiny_models, fp16=True)
+
+
+@pytest.fixture(scope="session")
+def default_engine(tmp_path_factory) -> Path:
+    """The packaged default model exported as `sd-export --out DIR` does. Read-only."""
+    from sd_deploy.exporter import export_engine_dir
+    from sd_deploy.models import load_models
+
+    out = tmp_path_factory.mktemp("default-engines") / "engines"
+    export_engine_dir(load_models("default"), out, progress=False)
+    return out

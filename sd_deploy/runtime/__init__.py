@@ -19,6 +19,7 @@ from sd_deploy.errors import (
     UserError,
 )
 from sd_deploy.runtime.backends import BACKEND_NAMES
+from sd_deploy.runtime.images import load_init_image, output_paths, save_png
 from sd_deploy.runtime.pipeline import Pipeline
 from sd_deploy.runtime.request import (
     BackendOptions,
@@ -47,4 +48,7 @@ __all__ = [
     "RequestError",
     "ResolvedRequest",
     "UserError",
+    "load_init_image",
+    "output_paths",
+    "save_png",
 ]
