@@ -229,6 +229,140 @@ def describe_api(module: Any) -> dict[str, Any]:
     }
 
 
+# ---- doubles built from the real API ---------------------------------------------------------
+
+
+class ApiDoubles:
+    """Stand-ins for objects of the real tensorrt module that offer exactly the real
+    attributes: a read of a name the real class lacks raises AttributeError (as the real
+    object would) and is recorded; a call whose argument count or keyword names fit no
+    real pybind signature raises TypeError and is recorded; results are doubles of the
+    annotated return type (bool -> True, int -> 0, IHostMemory -> bytes, classes ->
+    doubles). `script["Class.member"]` gives chosen values after the checks.
+
+    Installed as trt.Builder / trt.OnnxParser / trt.Runtime, they let real Polygraphy run
+    a whole build over the real module, checking every call it makes on our path.
+    """
+
+    def __init__(self, api: Any) -> None:
+        self.api = api  # a trt_conformance.Api
+        self.calls: list[str] = []
+        self.missing: list[str] = []  # attribute reads the real module would refuse
+        self.misfits: list[str] = []  # calls no real signature accepts
+        self.script: dict[str, Any] = {}
+
+    def value(self, annotation: str) -> Any:
+        ann = annotation.strip()
+        simple = {"bool": True, "int": 0, "float": 0.0, "str": "", "None": None, "": None}
+        if ann in simple:
+            return simple[ann]
+        if ann.startswith("list["):
+            return []
+        if ann == "IHostMemory":
+            return HostMemory(b"api double plan")
+        if ann in self.api.classes:
+            return Double(self, ann)
+        return None
+
+    def check_call(self, label: str, sigs: list, args: tuple, kwargs: dict, drop: int) -> Any:
+        fits = [s for s in sigs if _fits_call(s["params"][drop:], len(args), list(kwargs))]
+        self.calls.append(f"{label}({len(args)} positional{''.join(', ' + k for k in kwargs)})")
+        if sigs and not fits:
+            self.misfits.append(f"{label}{tuple(type(a).__name__ for a in args)} {sorted(kwargs)}")
+            raise TypeError(f"{label}: no real signature fits")
+        return (fits or sigs or [{"returns": ""}])[0]["returns"]
+
+    def constructor(self, qualname: str) -> Any:
+        def make(*args: Any, **kwargs: Any) -> Double:
+            sigs = self.api.classes[qualname]["init"]
+            self.check_call(qualname, sigs, args, kwargs, drop=1)
+            return Double(self, qualname)
+
+        return make
+
+
+def _fits_call(params: list, npos: int, keywords: list) -> bool:
+    import trt_conformance
+
+    return trt_conformance._fits(params, npos, keywords, False)
+
+
+class HostMemory(bytes):
+    """IHostMemory: a buffer (what Polygraphy writes to files) and a context manager."""
+
+    def __enter__(self) -> HostMemory:
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        return False
+
+
+class Double:
+    """One object of a real tensorrt class (see ApiDoubles)."""
+
+    def __init__(self, doubles: ApiDoubles, qualname: str) -> None:
+        object.__setattr__(self, "_d", doubles)
+        object.__setattr__(self, "_q", qualname)
+        object.__setattr__(self, "_values", {})
+
+    def __getattr__(self, name: str) -> Any:
+        d, q = self._d, self._q
+        if name in self._values:
+            return self._values[name]
+        entry = d.api.member(q, name)
+        if entry is None:
+            d.missing.append(f"{q}.{name}")
+            raise AttributeError(f"the real tensorrt has no {q}.{name}")
+        key = f"{q}.{name}"
+        if entry["kind"] == "property":
+            d.calls.append(key)
+            return d.script[key](self) if key in d.script else d.value(entry["returns"])
+        if entry["kind"] == "callable":
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                returns = d.check_call(key, entry["sigs"], args, kwargs, drop=1)
+                if key in d.script:
+                    return d.script[key](self, *args, **kwargs)
+                return d.value(returns)
+
+            return call
+        return None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        entry = self._d.api.member(self._q, name)
+        self._d.calls.append(f"{self._q}.{name} =")
+        if entry is None or entry["kind"] != "property":
+            self._d.missing.append(f"{self._q}.{name} (set)")
+            raise AttributeError(f"the real tensorrt has no settable {self._q}.{name}")
+        self._values[name] = value
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __iter__(self) -> Any:
+        if self._d.api.member(self._q, "__iter__") is None and (
+            self._d.api.member(self._q, "__getitem__") is None
+        ):
+            self._d.missing.append(f"iter({self._q})")
+            raise TypeError(f"{self._q} is not iterable")
+        self._d.calls.append(f"iter({self._q})")
+        return iter(())
+
+    def __len__(self) -> int:
+        if self._d.api.member(self._q, "__len__") is None:
+            self._d.missing.append(f"len({self._q})")
+            raise TypeError(f"{self._q} has no len()")
+        return 0
+
+    def __enter__(self) -> Double:
+        if self._d.api.member(self._q, "__enter__") is None:
+            self._d.missing.append(f"with {self._q}")
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        return False
+
+
 # ---- child processes with the real module --------------------------------------------------
 
 
