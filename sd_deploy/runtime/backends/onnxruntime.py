@@ -179,8 +179,8 @@ class OnnxRuntimeBackend(Backend):
             level.ORT_ENABLE_ALL if optimize else level.ORT_DISABLE_ALL
         )
         # The CPU arena stays on (ONNX Runtime's default): without it every large
-        # activation is a fresh mmap, and the page faults cost the SD 1.5 UNet 10-14% per
-        # step at 256 px (3.01 vs 2.64 s, interleaved). Its memory goes back through
+        # activation is a fresh mmap, and the page faults cost the SD 1.5 UNet a tenth of
+        # each step (benchmarks/results/sd15-cpu/README.md). Its memory goes back through
         # release_scratch at a generation's last call of each component.
         if self.threads:
             options.intra_op_num_threads = self.threads

@@ -1,10 +1,10 @@
 """ONNX Runtime's optimized CPU graph, kept beside the engine so later loads skip optimizing.
 
 At ORT_ENABLE_ALL, ONNX Runtime rewrites convolutions into the CPU's blocked (NCHWc)
-layout on every load: about 6 s of the full-size SD 1.5 UNet's 7.8 s load, paid again by
-every `sd-run`. ONNX Runtime can write the optimized graph out; reloaded with
-optimizations off it loads in 1.3 s and runs as fast (measured at 256 px on one thread:
-2.99 s per UNet call vs 3.07 s). The rewritten layout suits only this CPU and this
+layout on every load, most of the SD 1.5 UNet's load time, paid again by every `sd-run`.
+ONNX Runtime can write the optimized graph out; reloaded with optimizations off it loads
+several times faster and runs as fast (benchmarks/results/sd15-cpu/README.md has the
+figures). The rewritten layout suits only this CPU and this
 ONNX Runtime version (ONNX Runtime warns so when saving), so the cache key holds both,
 with the component's graph hash and its files' sizes and times.
 
