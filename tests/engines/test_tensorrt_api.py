@@ -525,6 +525,81 @@ def test_tensorrt_and_auto_backends_with_the_real_module_and_no_gpu(
     assert why.startswith(cpu) and reason in why, why
 
 
+SESSION_OVER_API_DOUBLES = """
+import json
+from pathlib import Path
+import numpy as np
+import trt_conformance as tc
+from test_tensorrt_backend import FakeCuda, unet_feeds
+from sd_deploy.engine_dir.manifest import read_manifest
+from sd_deploy.runtime.backends.tensorrt_session import TensorRTSession
+
+api = tc.Api(trt_api.describe_api(trt))
+doubles = trt_api.ApiDoubles(api)
+spec = read_manifest(Path(ROOT)).components["unet"]
+io = [(t.name, True, t.dtype) for t in spec.inputs]
+io += [(t.name, False, t.dtype) for t in spec.outputs]
+types = {"float16": trt.DataType.HALF, "float32": trt.DataType.FLOAT, "int32": trt.DataType.INT32}
+shapes = {}
+
+def set_input_shape(context, name, shape):
+    shapes[name] = list(shape)
+    return True
+
+doubles.script.update({
+    "ICudaEngine.num_io_tensors": lambda e: len(io),
+    "ICudaEngine.get_tensor_name": lambda e, i: io[i][0],
+    "ICudaEngine.get_tensor_mode": lambda e, n: (
+        trt.TensorIOMode.INPUT if dict((a, b) for a, b, _ in io)[n] else trt.TensorIOMode.OUTPUT
+    ),
+    "ICudaEngine.get_tensor_dtype": lambda e, n: types[{a: c for a, _, c in io}[n]],
+    "ICudaEngine.get_tensor_profile_shape": lambda e, n, i: [
+        trt.Dims(spec.profile_shapes[n][k]) for k in ("min", "opt", "max")
+    ],
+    "IExecutionContext.set_input_shape": set_input_shape,
+    "IExecutionContext.get_tensor_shape": lambda c, n: trt.Dims(shapes["sample"]),
+})
+engine = trt_api.Double(doubles, "ICudaEngine")
+session = TensorRTSession(spec, engine, trt, FakeCuda(), ROOT)
+feeds = unet_feeds()
+first = session.run(feeds)
+second = session.run(feeds)  # same shapes: no rebinding
+print("RESULT", json.dumps({
+    "inputs": [
+        [t.name, str(t.dtype), list(t.min_shape), list(t.max_shape)] for t in session.inputs
+    ],
+    "output": [list(first["model_output"].shape), str(first["model_output"].dtype)],
+    "calls": doubles.calls, "missing": doubles.missing, "misfits": doubles.misfits,
+}))
+"""
+
+
+def test_session_runs_over_doubles_of_the_real_api(trt_stand_ins, engine_dir):
+    """Our session against an engine and context that offer exactly the real attributes,
+    returning real TensorRT values: real `Dims` from get_tensor_profile_shape and
+    get_tensor_shape, real `DataType`s through the real `trt.nptype`, real `TensorIOMode`."""
+    done = run_python(
+        SESSION_OVER_API_DOUBLES.replace("ROOT", repr(str(engine_dir))), trt_stand_ins
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads(done.stdout.split("RESULT ", 1)[1])
+    assert result["misfits"] == [] and result["missing"] == []
+    spec = _manifest(engine_dir)["components"]["unet"]
+    assert result["inputs"] == [
+        [
+            t["name"],
+            t["dtype"],
+            spec["profile_shapes"][t["name"]]["min"],
+            spec["profile_shapes"][t["name"]]["max"],
+        ]
+        for t in spec["inputs"]
+    ]
+    assert result["output"] == [[2, 4, 8, 8], "float16"]
+    calls = result["calls"]
+    assert calls.count("IExecutionContext.execute_async_v3(1 positional)") == 2
+    assert calls.count("IExecutionContext.set_input_shape(2 positional)") == 3  # bound once
+
+
 # ---- the real lean runtime: plan loading ------------------------------------------------------
 
 LEAN_LOADING = """
