@@ -119,6 +119,13 @@ COMPONENT_CHOICES = ["all", "text_encoder", "unet", "vae_decoder", "vae_encoder"
     help="Engine dir.",
 )
 @range_options
+@click.option(
+    "--context-length",
+    default=None,
+    metavar="MIN:OPT:MAX",
+    help="Tokens of the UNet's prompt context, multiples of 77 (one per 75-token prompt "
+    "chunk) [77:77:231: prompts up to 225 tokens].",
+)
 @click.option("--opset", default=17, show_default=True, type=click.IntRange(14, 21))
 @click.option("--force", is_flag=True, help="Replace an engine dir holding another model.")
 @click.option("--no-validate", is_flag=True, help="Skip the ONNX Runtime vs PyTorch check.")
@@ -153,6 +160,7 @@ def export_command(
     batch: str | None,
     height: str | None,
     width: str | None,
+    context_length: str | None,
     opset: int,
     force: bool,
     no_validate: bool,
@@ -193,7 +201,7 @@ def export_command(
                 err=True,
             )
     defaults = shapes.default_ranges(models.config.default_size)
-    ranges = shapes.override(defaults, batch, height, width)
+    ranges = shapes.override(defaults, batch, height, width, context_length)
     manifest = export_engine_dir(
         models,
         out,
@@ -275,11 +283,33 @@ def _sampler_help() -> str:
 
 @command
 @engine_option
-@click.option("--prompt", required=True, help="What to draw.")
+@click.option(
+    "--prompt",
+    default=None,
+    help="What to draw, in A1111's syntax: (word:1.3) emphasis, BREAK, any length.",
+)
 @click.option("--negative-prompt", default="", help="What to steer away from.")
 @click.option("--steps", type=int, default=None, help="Sampling steps [engine default].")
 @click.option("--guidance", type=float, default=None, help="Classifier-free guidance scale.")
 @click.option("--sampler", default=None, metavar="NAME", help=_sampler_help())
+@click.option(
+    "--clip-skip",
+    type=int,
+    default=None,
+    help="A1111's Clip skip: use the text encoder's layer N-1 before the last [1]; SD 2.x "
+    "has a fixed layer.",
+)
+@click.option(
+    "--no-emphasis", is_flag=True, help="Read brackets and BREAK as plain text (no weights)."
+)
+@click.option(
+    "--from-png",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    metavar="IMAGE",
+    help="Make an image again from the parameters it carries (ours or A1111's); flags "
+    "given as well override them.",
+)
 @click.option(
     "--seed",
     type=int,
@@ -367,6 +397,9 @@ def run_command(
     steps: int | None,
     guidance: float | None,
     sampler: str | None,
+    clip_skip: int | None,
+    no_emphasis: bool,
+    from_png: Path | None,
     seed: int | None,
     width: int | None,
     height: int | None,
@@ -390,6 +423,31 @@ def run_command(
     One call, so each component is loaded when first needed and freed when done:
     only one is resident at a time (the lowest peak memory)."""
     from tqdm.auto import tqdm
+
+    given = _from_png_request(
+        from_png,
+        dict(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            steps=steps,
+            guidance=guidance,
+            sampler=sampler,
+            seed=seed,
+            width=width,
+            height=height,
+            strength=strength,
+            clip_skip=clip_skip,
+            emphasis=not no_emphasis,
+        ),
+        engine_dir,
+        init_image is not None,
+    )
+    prompt, negative_prompt, steps = given["prompt"], given["negative_prompt"], given["steps"]
+    guidance, sampler, seed = given["guidance"], given["sampler"], given["seed"]
+    width, height, strength = given["width"], given["height"], given["strength"]
+    clip_skip, no_emphasis = given["clip_skip"], not given["emphasis"]
+    if server is not None and (clip_skip not in (None, 1) or no_emphasis):
+        raise UserError("--clip-skip / --no-emphasis: the served model reads prompts its way")
 
     if server is not None:
         if init_image is not None:
@@ -434,6 +492,8 @@ def run_command(
         batch=batch,
         init_image=image,
         strength=strength,
+        clip_skip=clip_skip,
+        emphasis=not no_emphasis,
     )
     resolved = pipe.validate(request)  # refuse a bad request before any output
     paths = output_paths(out, [resolved.seed + i for i in range(resolved.batch)], overwrite)
@@ -453,6 +513,70 @@ def run_command(
         f"(unet {t.get('unet', 0):.2f} s, runtime overhead {t['outside_backend']:.3f} s)",
         err=True,
     )
+
+
+# sd-run options --from-png fills (flag name -> GenerationRequest field), unless given.
+_FROM_PNG_FIELDS = {
+    "prompt": "prompt",
+    "negative_prompt": "negative_prompt",
+    "steps": "steps",
+    "guidance": "guidance",
+    "sampler": "sampler",
+    "seed": "seed",
+    "width": "width",
+    "height": "height",
+    "strength": "strength",
+    "clip_skip": "clip_skip",
+    "no_emphasis": "emphasis",
+}
+
+
+def _from_png_request(
+    path: Path | None, values: dict[str, Any], engine_dir: Path, img2img: bool
+) -> dict[str, Any]:
+    """sd-run's request values: the flags, and with --from-png the image's parameters for
+    every flag not given on the command line. Says when the image came from another model
+    or from img2img without --init-image."""
+    if path is None:
+        if values["prompt"] is None:
+            raise UserError("--prompt is required (or --from-png IMAGE)")
+        return values
+    import logging
+
+    from click.core import ParameterSource
+
+    from sd_deploy.engine_dir.manifest import read_manifest
+    from sd_deploy.runtime.images import read_png_parameters
+    from sd_deploy.runtime.infotext import model_short_hash, parse_infotext
+
+    ctx = click.get_current_context()
+    given = {
+        field
+        for flag, field in _FROM_PNG_FIELDS.items()
+        if ctx.get_parameter_source(flag) not in (None, ParameterSource.DEFAULT)
+    }
+    parsed = parse_infotext(read_png_parameters(path))
+    result = {**values, **parsed.request_fields(skip=given)}
+    log = logging.getLogger("sd_deploy")
+    theirs = parsed.params.get("Model hash")
+    ours = model_short_hash(read_manifest(engine_dir).provenance.get("source_sha256"))
+    if theirs and theirs != ours:
+        name = parsed.params.get("Model", "?")
+        log.warning(
+            "%s was made with model %s [%s]; %s holds %s: the image will differ",
+            path,
+            name,
+            theirs,
+            engine_dir,
+            f"[{ours}]" if ours else "another model",
+        )
+    if parsed.strength is not None and not img2img:
+        log.warning(
+            "%s was made by img2img (Denoising strength %s); without --init-image this is txt2img",
+            path,
+            parsed.strength,
+        )
+    return result
 
 
 def _run_on_server(url: str, model: str, out: Path, overwrite: bool, **request: Any) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import PurePath
 from typing import Any
@@ -260,6 +260,33 @@ class ParsedInfotext:
                 "choose one with --sampler"
             )
         return name
+
+    def request_fields(self, skip: Collection[str] = ()) -> dict[str, Any]:
+        """`GenerationRequest` keyword arguments the infotext gives, except those in `skip`
+        (what the caller sets itself; a skipped field is not even read, so an unknown
+        sampler does not matter when the caller chooses one). `strength` is the image's
+        Denoising strength: it only matters with an init image."""
+        readers: dict[str, Any] = {
+            "prompt": lambda: self.prompt,
+            "negative_prompt": lambda: self.negative_prompt,
+            "steps": lambda: self.steps,
+            "sampler": lambda: self.sampler,
+            "guidance": lambda: self.guidance,
+            "seed": lambda: self.seed,
+            "width": lambda: None if self.size is None else self.size[0],
+            "height": lambda: None if self.size is None else self.size[1],
+            "strength": lambda: self.strength,
+            "clip_skip": lambda: self.clip_skip if "Clip skip" in self.params else None,
+            "emphasis": lambda: False if not self.emphasis else None,
+        }
+        fields = {}
+        for name, read in readers.items():
+            if name in skip:
+                continue
+            value = read()
+            if value is not None:
+                fields[name] = value
+        return fields
 
 
 def parse_infotext(text: str) -> ParsedInfotext:

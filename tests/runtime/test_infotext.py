@@ -135,3 +135,23 @@ def test_sd_parsers_reads_our_png(tmp_path):
     assert sampler.model.name == "v1-5-pruned-emaonly"
     assert prompt_info.metadata["Size"] == "512x768"
     assert prompt_info.metadata["Clip skip"] == "2"
+
+
+def test_request_fields():
+    p = parse_infotext(_sd15_text())
+    fields = p.request_fields()
+    assert fields == {
+        "prompt": "a (red:1.3) circle, [blurry]",
+        "negative_prompt": "lowres, bad anatomy",
+        "steps": 20,
+        "sampler": "dpmpp_2m_karras",
+        "guidance": 7.0,
+        "seed": 1234,
+        "width": 512,
+        "height": 768,
+        "clip_skip": 2,
+    }
+    odd = parse_infotext("x\nSteps: 2, Sampler: Heun, CFG scale: 7, Seed: 1")
+    with pytest.raises(RequestError, match="Heun"):
+        odd.request_fields()
+    assert "sampler" not in odd.request_fields(skip={"sampler"})  # not read when given
