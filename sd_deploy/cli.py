@@ -242,6 +242,12 @@ def export_command(
 @click.option("--optimization-level", type=click.IntRange(0, 5), default=None)
 @click.option("--workspace", default=None, metavar="SIZE", help="Builder workspace, e.g. 4G.")
 @click.option("--force", is_flag=True, help="Rebuild even up-to-date plans.")
+@click.option(
+    "--refittable",
+    is_flag=True,
+    help="Plans whose weights can be refit: sd-run --lora switches LoRAs without a rebuild "
+    "(engine dirs exported with --lora-ready).",
+)
 @user_errors
 def build_command(
     engine_dir: Path,
@@ -254,6 +260,7 @@ def build_command(
     optimization_level: int | None,
     workspace: str | None,
     force: bool,
+    refittable: bool,
 ) -> None:
     """Build FP16 TensorRT engines (strongly typed) from an engine dir's ONNX graphs."""
     from sd_deploy.engines import build_engines
@@ -269,6 +276,7 @@ def build_command(
         optimization_level=optimization_level,
         workspace=workspace,
         force=force,
+        refittable=refittable,
     )
     for result in results:
         click.echo(str(result))
