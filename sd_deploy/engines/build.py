@@ -138,8 +138,12 @@ def build_plan(
     timing_cache: Path | None,
     optimization_level: int | None,
     workspace: int | None,
+    refittable: bool = False,
 ) -> None:
-    """One strongly typed build through Polygraphy, serialized to `destination`."""
+    """One strongly typed build through Polygraphy, serialized to `destination`.
+
+    refittable: weights can be replaced later by initializer name (`trt.Refitter`), which
+    run-time LoRA switching does (`sd_deploy.runtime.lora.refit_engine`)."""
     polygraphy_profile = lib["Profile"]()
     for name, dims in profile.items():
         polygraphy_profile.add(name, min=dims["min"], opt=dims["opt"], max=dims["max"])
@@ -157,6 +161,7 @@ def build_plan(
             ),
             builder_optimization_level=optimization_level,
             memory_pool_limits=pools,
+            **({"refittable": True} if refittable else {}),
         )
         network = lib["NetworkFromOnnxPath"](str(onnx), strongly_typed=True)
         engine = lib["engine_from_network"](
@@ -184,6 +189,7 @@ def build_engines(
     workspace: str | int | None = None,
     force: bool = False,
     progress: bool = True,
+    refittable: bool = False,
 ) -> list[BuildResult]:
     """Build (or skip when up to date) a TensorRT plan per component of an engine dir.
 
@@ -191,6 +197,8 @@ def build_engines(
     exported ranges; `static` builds one shape (the opt values). The timing cache
     defaults to `<engine_dir>/tensorrt_timing.cache` and is updated by every build.
     Warnings (an fp32 graph) are in each result and, with `progress`, shown at once.
+    `refittable` builds plans whose weights run-time LoRAs can refit (a fresh plan built
+    without it is rebuilt).
     Every user-fixable problem is a one-line BuildError / EngineDirError.
     """
     root = Path(engine_dir)
@@ -226,6 +234,7 @@ def build_engines(
         "batch": batch,
         "height": height,
         "width": width,
+        "refittable": refittable,
     }
 
     from tqdm.auto import tqdm
@@ -237,12 +246,19 @@ def build_engines(
         plan = plan_path(root, name)
         onnx_sha = source_onnx_sha256(root, spec)
         status = plan_status(root, spec, current, profiles[name], onnx_sha)
-        if isinstance(status, Fresh) and not force:
+        unrefittable = (
+            refittable
+            and isinstance(status, Fresh)
+            and not status.metadata.build_flags.get("refittable")
+        )
+        if isinstance(status, Fresh) and not force and not unrefittable:
             results.append(
                 BuildResult(name, "skipped", f"up to date on {current['gpu_name']}", 0.0, plan)
             )
             continue
         reason = "forced (--force)" if force else getattr(status, "reason", "")
+        if unrefittable and not force:
+            reason = "the plan is not refittable (--refittable)"
         notes: list[str] = []
         if spec.precision != "fp16":
             notes.append(
@@ -262,6 +278,7 @@ def build_engines(
             cache,
             optimization_level,
             workspace_bytes,
+            refittable,
         )
         metadata = PlanMetadata(
             component=name,
@@ -299,6 +316,7 @@ def _build_one(
     cache: Path,
     optimization_level: int | None,
     workspace: int | None,
+    refittable: bool = False,
 ) -> float:
     """Build into a temporary sibling, then swap it in; returns the build seconds.
 
@@ -314,7 +332,7 @@ def _build_one(
     start = time.perf_counter()
     try:
         with replacing(plan) as tmp:
-            build_plan(lib, onnx, profile, tmp, cache, optimization_level, workspace)
+            build_plan(lib, onnx, profile, tmp, cache, optimization_level, workspace, refittable)
             if not tmp.is_file() or tmp.stat().st_size == 0:
                 raise BuildError(f"building {name} produced no plan file")
             with contextlib.suppress(FileNotFoundError):

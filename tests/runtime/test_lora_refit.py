@@ -147,3 +147,23 @@ def test_session_cache_is_a_bounded_lru() -> None:
     assert sorted(closed) == ["a", "b", "c"]
     with pytest.raises(ValueError):
         LoraSessionCache(0)
+
+
+def test_tensorrt_backend_refit_drops_the_cuda_graph() -> None:
+    from sd_deploy.runtime.backends.tensorrt import TensorRTBackend
+
+    dropped: list[bool] = []
+    engine = FakeEngine()
+    session = types.SimpleNamespace(
+        engine=engine,
+        spec=types.SimpleNamespace(name="unet"),
+        _drop_graph=lambda: dropped.append(True),
+    )
+    backend = types.SimpleNamespace(_trt=FAKE_TRT, _logger="logger")
+    new = {"onnx::MatMul_1": BASE["onnx::MatMul_1"] * np.float16(3)}
+    TensorRTBackend.refit(backend, session, new, base)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(engine.weights["onnx::MatMul_1"], new["onnx::MatMul_1"])
+    assert dropped == [True]
+    session.engine = None
+    with pytest.raises(BuildError, match="closed"):
+        TensorRTBackend.refit(backend, session, new, base)  # type: ignore[arg-type]

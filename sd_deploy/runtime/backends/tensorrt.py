@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import ctypes
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from sd_deploy.engine_dir import shapes
 from sd_deploy.engine_dir.layout import build_command, plan_metadata_path, plan_path, relative
@@ -127,6 +130,28 @@ class TensorRTBackend(Backend):
             cuda_graph=self.cuda_graph and spec.name == "unet",
             runtime=runtime,
         )
+
+    def refit(
+        self,
+        session: ComponentSession,
+        weights: Mapping[str, np.ndarray],
+        base: Callable[[str], np.ndarray | None],
+    ) -> None:
+        """Replace named weights of an open refittable plan in place (run-time LoRAs):
+        `trt.Refitter` by ONNX initializer name; `base(name)` gives the exported value of
+        any other weight TensorRT asks for. A recorded CUDA graph is dropped (re-recorded
+        at the next run), the engine and its buffers are kept."""
+        from sd_deploy.runtime.lora import refit_engine
+
+        engine = getattr(session, "engine", None)
+        if engine is None:
+            raise BuildError(f"the {session.spec.name} TensorRT session is closed")
+        if self._logger is None:
+            self._logger = tensorrt_log(self._trt)
+        refit_engine(self._trt, engine, self._logger, weights, base, session.spec.name)
+        drop = getattr(session, "_drop_graph", None)
+        if drop is not None:
+            drop()
 
     def _tensorrt_runtime(self, where: str) -> Any:
         """TensorRT's runtime, made once; a one-line BuildError naming the plan when
