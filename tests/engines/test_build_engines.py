@@ -413,3 +413,19 @@ def test_result_lines(engine_dir, fakes):
     assert line.endswith(f"-> {engine_dir / 'unet' / 'model.plan'}")
     [skipped] = build(engine_dir, components=["unet"])
     assert str(skipped).startswith("unet          skipped (up to date on NVIDIA H100")
+
+
+def test_refittable_builds_refittable_plans(engine_dir, fakes):
+    """sd-build --refittable (run-time LoRAs): CreateConfig(refittable=True), recorded in the
+    plan's metadata; a fresh plan built without it is rebuilt, one built with it is kept."""
+    from sd_deploy.engine_dir.plans import read_metadata
+
+    build(engine_dir, components=["unet"])
+    assert "refittable" not in fakes.named("CreateConfig")[-1][1]
+    [result] = build(engine_dir, components=["unet"], refittable=True)
+    assert (result.status, result.reason) == ("built", "the plan is not refittable (--refittable)")
+    assert fakes.named("CreateConfig")[-1][1]["refittable"] is True
+    metadata = read_metadata(plan_metadata_path(plan_path(engine_dir, "unet")))
+    assert metadata.build_flags["refittable"] is True
+    [again] = build(engine_dir, components=["unet"], refittable=True)
+    assert again.status == "skipped"
