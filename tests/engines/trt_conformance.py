@@ -149,8 +149,36 @@ class Analysis:
         self.uses: dict[tuple, Use] = {}
         self.changed = False
         self.trees = {p: ast.parse(p.read_text(), str(p)) for p in self.paths}
+        self._add_imported_modules()
         for path, tree in self.trees.items():
             self._index(path, tree)
+
+    def _add_imported_modules(self) -> None:
+        """Also read the sd_deploy modules these import (transitively): TensorRT objects
+        passed to a helper elsewhere (e.g. runtime.lora.refit_engine(trt, engine, ...)) are
+        followed there."""
+        todo = list(self.trees.values())
+        while todo:
+            tree = todo.pop()
+            for node in ast.walk(tree):
+                if not (isinstance(node, ast.ImportFrom) and node.module):
+                    continue
+                if node.module.split(".")[0] != "sd_deploy":
+                    continue
+                names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                for name in names:
+                    path = self._module_file(name)
+                    if path is not None and path not in self.trees:
+                        self.paths.append(path)
+                        self.trees[path] = ast.parse(path.read_text(), str(path))
+                        todo.append(self.trees[path])
+
+    def _module_file(self, module: str) -> Path | None:
+        base = self.root.joinpath(*module.split("."))
+        for path in (base.with_suffix(".py"), base / "__init__.py"):
+            if path.is_file():
+                return path
+        return None
 
     # -- indexing --
 
@@ -432,9 +460,28 @@ class Analysis:
         return set()
 
     def _call(self, node: ast.Call, fn: Function) -> set[tuple]:
+        if (
+            isinstance(node.func, ast.Name)
+            and node.func.id == "getattr"
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and isinstance(node.args[1].value, str)
+        ):  # getattr(x, "name"[, default]) reads x.name: the name must be real too
+            attribute = ast.copy_location(
+                ast.Attribute(value=node.args[0], attr=node.args[1].value, ctx=ast.Load()), node
+            )
+            for extra in node.args[2:]:
+                self._expr(extra, fn)
+            return self._expr(attribute, fn)
         args = [a for a in node.args if not isinstance(a, ast.Starred)]
-        star = len(args) != len(node.args) or any(k.arg is None for k in node.keywords)
         keywords = [k.arg for k in node.keywords if k.arg is not None]
+        unknown_kwargs = False
+        for k in node.keywords:
+            if k.arg is None:  # **{"a": 1} or **({"a": 1} if c else {}): its keys are known
+                keys = _literal_keys(k.value)
+                unknown_kwargs |= keys is None
+                keywords += keys or []
+        star = len(args) != len(node.args) or unknown_kwargs
         arg_types = [self._expr(a, fn) for a in node.args]
         kw_types = {k.arg: self._expr(k.value, fn) for k in node.keywords}
         is_self = isinstance(node.func, ast.Attribute) and (
@@ -679,6 +726,21 @@ class Analysis:
         if inspect.ismodule(obj):
             return obj.__name__
         return getattr(obj, "__qualname__", None) or type(obj).__qualname__
+
+
+def _literal_keys(node: ast.expr) -> list[str] | None:
+    """The constant keys of a dict literal (or of both branches of a conditional of dict
+    literals); None when they cannot be read."""
+    if isinstance(node, ast.Dict):
+        if all(isinstance(k, ast.Constant) and isinstance(k.value, str) for k in node.keys):
+            return [k.value for k in node.keys]  # type: ignore[union-attr]
+        return None
+    if isinstance(node, ast.IfExp):
+        left, right = _literal_keys(node.body), _literal_keys(node.orelse)
+        if left is None or right is None:
+            return None
+        return left + [k for k in right if k not in left]
+    return None
 
 
 def python_params(obj: Any, bound: bool = False) -> list[list[Any]] | None:
