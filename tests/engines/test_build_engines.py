@@ -343,7 +343,12 @@ def test_new_flags_rebuild_with_their_profile(engine_dir, fakes):
     profile = fakes.named("CreateConfig")[-1][1]["profiles"][0]
     assert profile["sample"] == {"min": [1, 4, 8, 8], "opt": [2, 4, 8, 8], "max": [4, 4, 8, 8]}
     meta = read_metadata(plan_metadata_path(plan_path(engine_dir, "unet")))
-    assert meta.shape_ranges == {"batch": [1, 1, 2], "height": [64, 64, 64], "width": [64, 64, 64]}
+    assert meta.shape_ranges == {
+        "batch": [1, 1, 2],
+        "height": [64, 64, 64],
+        "width": [64, 64, 64],
+        "context_length": [77, 77, 77],
+    }
     assert meta.build_flags["batch"] == "1:1:2"
     # The same flags again: up to date.
     [again] = build(engine_dir, components=["unet"], batch="1:1:2", height="64", width="64")

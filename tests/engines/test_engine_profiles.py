@@ -68,7 +68,12 @@ def test_static_is_min_opt_max_at_opt(manifest):
 
 def test_static_ranges_collapse(manifest):
     ranges = build_ranges(manifest.components["unet"], batch="1:2:4", static=True)
-    assert ranges.to_json() == {"batch": [2, 2, 2], "height": [64, 64, 64], "width": [64, 64, 64]}
+    assert ranges.to_json() == {
+        "batch": [2, 2, 2],
+        "height": [64, 64, 64],
+        "width": [64, 64, 64],
+        "context_length": [77, 77, 77],  # the default one-chunk context
+    }
 
 
 @pytest.mark.parametrize(
