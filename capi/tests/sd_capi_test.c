@@ -4,11 +4,13 @@
  * RGB bytes and parameters under OUT_DIR, where tests/capi/test_capi.py compares them
  * byte for byte with Python's Pipeline.generate for the same requests.
  *
- *   sd_capi_test [--steps N] ENGINE_DIR OUT_DIR [CASE ...]
+ *   sd_capi_test [--steps N] [--backend NAME] ENGINE_DIR OUT_DIR [CASE ...]
  *
  * Cases: txt2img img2img batch2 defaults errors threads python_missing (the last only on
  * request: it expects the interpreter to be unusable). Exit status 0 when every check
- * passed. Requests use 20 steps unless --steps says otherwise.
+ * passed. Requests use 20 steps unless --steps says otherwise, and the "auto" backend
+ * unless --backend names one (the sanitizer run needs ONNX Runtime: OpenVINO's TBB loads
+ * with RTLD_DEEPBIND, which AddressSanitizer refuses).
  */
 #include <pthread.h>
 #include <stdio.h>
@@ -20,6 +22,7 @@
 static const char *engine_dir;
 static const char *out_dir;
 static int steps = 20;
+static const char *backend = NULL;
 static int failures;
 
 #define CHECK(cond, ...)                                         \
@@ -57,7 +60,7 @@ static void write_text(const char *name, const char *text) {
 
 static sd_pipeline *open_pipeline(void) {
   sd_pipeline *p = NULL;
-  sd_status s = sd_pipeline_create(engine_dir, NULL, &p);
+  sd_status s = sd_pipeline_create(engine_dir, backend, &p);
   CHECK(s == SD_OK && p != NULL, "sd_pipeline_create(%s) returned %s", engine_dir,
         sd_status_name(s));
   return p;
@@ -330,7 +333,7 @@ typedef struct {
 static void *thread_main(void *arg) {
   thread_job *job = arg;
   sd_pipeline *p = NULL;
-  job->status = sd_pipeline_create(engine_dir, NULL, &p);
+  job->status = sd_pipeline_create(engine_dir, backend, &p);
   if (job->status == SD_OK) {
     sd_request req = base_request("a purple star on a white background", job->seed);
     job->status = sd_generate(p, &req, job->rgb, sizeof job->rgb, NULL, NULL, NULL);
@@ -378,12 +381,20 @@ static const test_case cases[] = {
 
 int main(int argc, char **argv) {
   int arg = 1;
-  if (arg + 1 < argc && strcmp(argv[arg], "--steps") == 0) {
-    steps = atoi(argv[arg + 1]);
+  while (arg + 1 < argc && strncmp(argv[arg], "--", 2) == 0) {
+    if (strcmp(argv[arg], "--steps") == 0) {
+      steps = atoi(argv[arg + 1]);
+    } else if (strcmp(argv[arg], "--backend") == 0) {
+      backend = argv[arg + 1];
+    } else {
+      fprintf(stderr, "unknown option %s\n", argv[arg]);
+      return 2;
+    }
     arg += 2;
   }
   if (argc - arg < 2) {
-    fprintf(stderr, "usage: %s [--steps N] ENGINE_DIR OUT_DIR [CASE ...]\n", argv[0]);
+    fprintf(stderr, "usage: %s [--steps N] [--backend NAME] ENGINE_DIR OUT_DIR [CASE ...]\n",
+            argv[0]);
     return 2;
   }
   engine_dir = argv[arg];
