@@ -8,14 +8,16 @@ concurrency 1, 4 and 8 against a real tritonserver, next to sequential local gen
 Without --engine it exports the packaged default model (sd-export --out DIR) into a
 temporary folder. Rounds interleave the configurations (local, c=1, c=4, c=8, then
 again) so a noisy shared machine hits all of them alike; the table reports the median
-over rounds and the min-max spread. The server and the local pipeline never run at the
-same time.
+over rounds and the min-max spread. The server and the local pipeline never exist at the
+same time: each round loads the local pipeline, measures it and closes it, then starts
+the server, measures it and stops it (the order alternating between rounds).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import threading
@@ -101,9 +103,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=None, help="[engine default]")
     parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--backend", default="auto", help="runtime backend, both sides")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
+    from sd_deploy.engine_dir import read_manifest
     from sd_deploy.runtime import Pipeline
     from sd_deploy.serving import RepositoryConfig, write_model_repository
     from sd_deploy.serving.server import TritonServer
@@ -117,10 +121,10 @@ def main() -> None:
         engine = work / "engines"
         export_engine_dir(load_models("default"), engine, progress=False)
     write_model_repository(
-        engine, work / "repo", RepositoryConfig(max_batch=args.max_batch, kind="cpu")
+        engine,
+        work / "repo",
+        RepositoryConfig(max_batch=args.max_batch, kind="cpu", backend=args.backend),
     )
-    pipe = Pipeline(engine)
-    pipe.load_all()
     server = TritonServer(
         work / "repo",
         http_port=0,
@@ -131,20 +135,35 @@ def main() -> None:
     )
     configs = ["local", "c1", "c4", "c8"]
     rounds: dict[str, list[dict[str, float]]] = {c: [] for c in configs}
-    with server:
-        run_clients(server, 2, 4, args.steps)  # warm-up: first calls, graph cache
-        run_local(pipe, 2, args.steps)
-        for r in range(args.rounds):
-            for config in configs:
-                if config == "local":
-                    result = run_local(pipe, args.requests, args.steps)
-                else:
-                    result = run_clients(server, int(config[1:]), args.requests, args.steps)
+    load_before = os.getloadavg()
+    backend_name = ""
+
+    def local_side(r: int) -> None:
+        nonlocal backend_name
+        with Pipeline(engine, backend=args.backend) as pipe:
+            pipe.load_all()
+            backend_name = pipe.backend_name
+            run_local(pipe, 2, args.steps)  # warm-up
+            rounds["local"].append(run_local(pipe, args.requests, args.steps))
+        print(f"round {r + 1} local " + json.dumps(rounds["local"][-1]), flush=True)
+
+    def server_side(r: int) -> None:
+        with server:
+            run_clients(server, 2, 4, args.steps)  # warm-up
+            for config in configs[1:]:
+                result = run_clients(server, int(config[1:]), args.requests, args.steps)
                 rounds[config].append(result)
                 print(f"round {r + 1} {config:5s} " + json.dumps(result), flush=True)
-    pipe.close()
 
-    manifest = pipe.manifest
+    # Each side alone (the other not even loaded: idle runtime threads would compete on
+    # a small machine), their order alternating from round to round.
+    for r in range(args.rounds):
+        sides = (local_side, server_side) if r % 2 == 0 else (server_side, local_side)
+        for side in sides:
+            side(r)
+    load_after = os.getloadavg()
+
+    manifest = read_manifest(engine)
     steps = args.steps or manifest.scheduler.get("default_steps")
     report = {
         "engine": str(engine),
@@ -152,6 +171,10 @@ def main() -> None:
         "size": f"{manifest.model.default_width}x{manifest.model.default_height}",
         "steps": steps,
         "requests_per_config": args.requests,
+        "backend": backend_name,
+        "cpus": os.cpu_count(),
+        "load_average_1_5_15_before": load_before,
+        "load_average_1_5_15_after": load_after,
         "rounds": rounds,
     }
     lines = [

@@ -64,6 +64,12 @@ def repository(tmp_path_factory, default_engine) -> Path:
     write_model_repository(
         default_engine, out, RepositoryConfig(name="sd", max_batch=8, kind="cpu", backend=BACKEND)
     )
+    # max_batch_size 0: tensors without the batch dimension, every request alone.
+    write_model_repository(
+        default_engine,
+        out,
+        RepositoryConfig(name="sd_unbatched", max_batch=0, kind="cpu", backend=BACKEND),
+    )
     return out
 
 
@@ -78,8 +84,9 @@ def server(tmp_path_factory, repository, stub_env, local_pipeline):
     )
     server.start(timeout_s=180)
     states = {s["name"]: s for s in server.model_states() or []}
-    if states.get("sd", {}).get("state") != "READY":
-        server.stop()
-        pytest.fail(f"model sd did not load: {states.get('sd')}\n{log.read_text()[-3000:]}")
+    for name in ("sd", "sd_unbatched"):
+        if states.get(name, {}).get("state") != "READY":
+            server.stop()
+            pytest.fail(f"model {name} did not load: {states.get(name)}\n{log.read_text()[-3000:]}")
     yield server
     server.stop()

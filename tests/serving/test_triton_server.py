@@ -77,6 +77,22 @@ def test_grpc_and_raw_client_defaults(server, local_pipeline):
     assert images[0].tobytes() == image.tobytes() and texts == [text]
 
 
+def test_unbatched_model(server, local_pipeline):
+    """max_batch_size 0: prompt [1] in, image [H, W, 3] and parameters [1] out."""
+    from sd_deploy.serving.client import RemotePipeline
+
+    inputs = {"prompt": ("BYTES", b"a square"), "seed": ("INT64", 9), "steps": ("INT32", 3)}
+    result = http_infer(server, inputs, model="sd_unbatched", batched=False)
+    image, text = local_twin(local_pipeline, prompt="a square", seed=9, steps=3)
+    assert result.as_numpy("image").shape == image.shape
+    assert result.as_numpy("image").tobytes() == image.tobytes()
+    assert result.as_numpy("parameters")[0].decode() == text
+    with RemotePipeline(server.grpc_url, model="sd_unbatched") as remote:
+        images, texts = remote.generate(prompt="a square", seed=9, steps=3, batch=2)
+    assert images.shape == (2, *image.shape) and images[0].tobytes() == image.tobytes()
+    assert "Seed: 10" in texts[1]
+
+
 def test_concurrent_clients_batched_and_equal(server, local_pipeline):
     """8 clients at once, different prompts and seeds, one size: Triton's dynamic batcher
     hands them to the model together and Pipeline.generate_many runs them as batches.
