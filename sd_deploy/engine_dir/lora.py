@@ -156,6 +156,17 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def addnet_hash(path: Path) -> str:
+    """sha256 of a safetensors file's tensor data (after its header): A1111's LoRA hash."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        f.seek(8 + n)
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Every tensor of a `.safetensors` file as numpy (bf16 -> float32), and its metadata.
 

@@ -38,6 +38,7 @@ from sd_deploy.engine_dir.lora import (
     LoraSpec,
     ResolvedLayer,
     TargetTable,
+    addnet_hash,
     parse_lora_arg,
     parse_scale,
     read_lora,
@@ -118,19 +119,6 @@ class ComponentTargets:
             merged = base.astype(np.float32) + update.reshape(base.shape).astype(np.float32)
             result[record["initializer"]] = np.ascontiguousarray(merged.astype(base.dtype))
         return result
-
-
-def addnet_hash(path: Path) -> str:
-    """sha256 of a safetensors file's tensor data (after its header): A1111's LoRA hash."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        f.seek(8 + n)
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class LoraLibrary:

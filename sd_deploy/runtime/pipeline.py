@@ -447,7 +447,9 @@ class Pipeline:
 
         stop_requested(0)
         applied = self.lora.select_pairs(common.loras)
-        loras = tuple((x["name"], float(x["scale"]), "") for x in self._merged_loras)
+        loras = tuple(
+            (x["name"], float(x["scale"]), x.get("short_hash", "")) for x in self._merged_loras
+        )
         loras += tuple((a.name, a.scale, a.short_hash) for a in applied)
         context = self._context(common, rows, guided, timings)
 

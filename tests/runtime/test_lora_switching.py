@@ -78,6 +78,9 @@ def test_switching_matches_the_merged_export_and_back_is_bit_exact(dirs) -> None
         text = styled.parameters[0].infotext()
         assert f"a red circle on a blue square <lora:style:{SCALE:g}>" in text
         assert 'Lora hashes: "style: ' in text
+        # merged or switched, the image says the same LoRA, hash included
+        assert styled.parameters[0].loras == want.parameters[0].loras
+        assert len(want.parameters[0].loras[0][2]) == 12
 
         back = pipe.generate(request()).images
         assert np.array_equal(back, base)  # the base sessions were never touched
@@ -173,3 +176,41 @@ def test_cli_lora_flags(dirs, tmp_path) -> None:
         export_command, ["--model", "tiny", "--random-weights", "--lora", f"{style}:x"]
     )
     assert result.exit_code != 0 and "is not a number" in result.output
+
+
+def test_refit_backends_get_the_same_weights_and_base_back(dirs) -> None:
+    """A backend that refits (TensorRT) is given exactly the arrays ONNX Runtime sessions
+    get, and on switching back the exported base values of everything touched."""
+    from sd_deploy.engine_dir.lora import LoraSpec
+    from sd_deploy.runtime.lora import LoraLibrary, PipelineLoras
+
+    base_dir, _, style, other = dirs
+    library = LoraLibrary(base_dir)
+    weights = {
+        c: {n: t.initializer(n).copy() for n in t.data["initializers"]}
+        for c, t in library.components.items()
+    }
+    base = {c: {n: a.copy() for n, a in w.items()} for c, w in weights.items()}
+
+    class RefitBackend:
+        name = "fake-tensorrt"
+
+        def refit(self, session, new, base_of):
+            for name, array in new.items():
+                assert name in weights[session]
+                weights[session][name] = np.array(array)
+
+    loras = PipelineLoras(base_dir, RefitBackend(), lambda n: None, lambda n: n)
+    loras.select([LoraSpec(style, SCALE)])
+    _, resolved, _ = library.resolve([LoraSpec(style, SCALE)])
+    expected = library.patches(resolved)
+    for component, patches in expected.items():
+        for name, array in patches.items():
+            assert weights[component][name].tobytes() == array.tobytes()
+    loras.select([LoraSpec(other, 0.5)])  # touches the unet only: the text encoder is restored
+    for name, array in weights["text_encoder"].items():
+        assert array.tobytes() == base["text_encoder"][name].tobytes(), name
+    loras.select([])
+    for component in weights:
+        for name, array in weights[component].items():
+            assert array.tobytes() == base[component][name].tobytes(), name

@@ -30,6 +30,7 @@ from sd_deploy.engine_dir.lora import (
     LoraLayer,
     LoraSpec,
     TargetTable,
+    addnet_hash,
     lora_from_tensors,
     merged_deltas,
     parse_lora_arg,
@@ -66,11 +67,12 @@ class AppliedLora:
     scale: float
     format: str
     layers: int
+    short_hash: str = ""  # A1111's "Lora hashes" value (safetensors data hash, 12 hex)
 
     def to_dict(self) -> dict:
         return {
             "name": self.name, "file": self.file, "sha256": self.sha256, "scale": self.scale,
-            "format": self.format, "layers": self.layers,
+            "format": self.format, "layers": self.layers, "short_hash": self.short_hash,
         }  # fmt: skip
 
 
@@ -148,6 +150,9 @@ def merge_loras(models: LoadedModels, specs: Sequence[LoraSpec]) -> list[Applied
             update = torch.from_numpy(np.ascontiguousarray(delta))
             weight.copy_((weight.float() + update).to(weight.dtype))
     return [
-        AppliedLora(f.name, f.path.name, f.sha256, spec.scale, f.format, len(f.layers))
+        AppliedLora(
+            f.name, f.path.name, f.sha256, spec.scale, f.format, len(f.layers),
+            addnet_hash(f.path)[:12] if f.path.suffix.lower() == ".safetensors" else "",
+        )
         for f, spec in zip(files, specs, strict=True)
-    ]
+    ]  # fmt: skip
