@@ -14,17 +14,28 @@ from pathlib import Path
 from typing import Any
 
 from sd_deploy.engine_dir import shapes
+from sd_deploy.engine_dir.layout import REQUIRED_COMPONENTS
 from sd_deploy.engine_dir.manifest import Manifest, read_manifest
 from sd_deploy.errors import UserError
 from sd_deploy.runtime.backends import BACKEND_NAMES
 from sd_deploy.runtime.schedulers import make_scheduler
 
 # Backends sd-bench knows besides the runtime's own: the PyTorch reference modules behind the
-# runtime's loop, and diffusers' StableDiffusionPipeline built from the same weights.
+# runtime's loop, diffusers' StableDiffusionPipeline built from the same weights (in fp32, or
+# fp16 on a GPU; and in bf16 on a CPU: the fastest plain-PyTorch way a user has there), and
+# stable-diffusion.cpp through its Python package on the same weights saved as a checkpoint.
 REFERENCE_BACKEND = "torch"
 DIFFUSERS_BACKEND = "diffusers"
+DIFFUSERS_BF16_BACKEND = "diffusers-bf16"
+DIFFUSERS_BACKENDS = (DIFFUSERS_BACKEND, DIFFUSERS_BF16_BACKEND)
+SDCPP_BACKEND = "stable-diffusion.cpp"
 ENGINE_BACKENDS = tuple(name for name in BACKEND_NAMES if name != "auto")
-BENCH_BACKENDS = (REFERENCE_BACKEND, *ENGINE_BACKENDS, DIFFUSERS_BACKEND)
+BENCH_BACKENDS = (
+    REFERENCE_BACKEND,
+    *ENGINE_BACKENDS,
+    *DIFFUSERS_BACKENDS,
+    SDCPP_BACKEND,
+)
 DEFAULT_BACKENDS = "torch,onnxruntime,tensorrt,diffusers"
 
 # Real prompts, so the text embeddings (and through them the UNet inputs) are what a user's
@@ -167,7 +178,7 @@ def resolve_config(
     guidance = float(sched.get("default_guidance", 7.5) if guidance is None else guidance)
     if guidance < 0:
         raise UserError(f"--guidance must be >= 0, got {guidance}")
-    for name in ("text_encoder", "unet", "vae_decoder"):
+    for name in REQUIRED_COMPONENTS:
         for batch in batch_sizes:
             shapes.check_request(manifest.components[name].shape_ranges, batch, height, width, name)
     report = check_writable_dir(report_dir)

@@ -218,9 +218,14 @@ class DiffusersBackend(Backend):
         where = f"PyTorch {torch.__version__}, {self.device.type}, {dtype}"
         return f"diffusers {diffusers_version()} ({where})"
 
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        # What StableDiffusionPipeline.encode_prompt does with the tokenizer's ids.
-        return self.text_model(input_ids.long().to(self.device)).last_hidden_state.to(self.dtype)
+    def encode_text(self, input_ids: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+        # What StableDiffusionPipeline.encode_prompt does with the tokenizer's ids; A1111's
+        # Clip skip N is its clip_skip N - 1: hidden state -N through the final layer norm.
+        ids = input_ids.long().to(self.device)
+        if clip_skip <= 1:
+            return self.text_model(ids).last_hidden_state.to(self.dtype)
+        hidden = self.text_model(ids, output_hidden_states=True).hidden_states[-clip_skip]
+        return self.text_model.text_model.final_layer_norm(hidden).to(self.dtype)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:
         # What the pipeline does after sampling: vae.decode(latents / scaling_factor), then
@@ -234,7 +239,10 @@ class DiffusersBackend(Backend):
 
     def open(self, engine_dir: Path, spec: ComponentSpec) -> ComponentSession:
         forwards: dict[str, Callable[..., tuple[torch.Tensor, ...]]] = {
-            "text_encoder": lambda ids: (self.encode_text(ids),),
+            # The graph's optional clip_skip input: int32 [1].
+            "text_encoder": lambda ids, clip_skip=None: (
+                self.encode_text(ids, 1 if clip_skip is None else int(clip_skip.reshape(-1)[0])),
+            ),
             "unet": lambda sample, t, context: (
                 self.unet(sample, t, encoder_hidden_states=context, return_dict=False)[0],
             ),

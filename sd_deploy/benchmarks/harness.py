@@ -29,8 +29,11 @@ import numpy as np
 
 from sd_deploy.benchmarks.config import (
     DIFFUSERS_BACKEND,
+    DIFFUSERS_BACKENDS,
+    DIFFUSERS_BF16_BACKEND,
     NEGATIVE_PROMPT,
     REFERENCE_BACKEND,
+    SDCPP_BACKEND,
     BenchConfig,
     resolve_config,
 )
@@ -43,12 +46,12 @@ from sd_deploy.benchmarks.parity import (
 )
 from sd_deploy.benchmarks.reference import reference_source
 from sd_deploy.benchmarks.timing import CallLog, MemoryWatch, Stopwatch, summarize
+from sd_deploy.engine_dir.layout import COMPONENTS
 from sd_deploy.engine_dir.manifest import Manifest
 from sd_deploy.errors import UserError
 from sd_deploy.runtime import BackendOptions, GenerationRequest, GenerationResult, Pipeline
 
 REPORT_SCHEMA = 1
-COMPONENT_ORDER = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 
 # A generation: returns uint8 images and advances the progress display once per step.
 Generate = Callable[[int], np.ndarray]
@@ -163,7 +166,7 @@ def measure_series(
         "end_to_end": e2e,
         "images_per_s": batch / e2e["median"] if e2e["median"] else None,
         "warmup_s": cold,
-        "components": {name: summarize(calls[name]) for name in COMPONENT_ORDER if name in calls},
+        "components": {name: summarize(calls[name]) for name in COMPONENTS if name in calls},
         "calls_per_run": {name: len(calls[name]) / config.runs for name in calls},
         # Everything outside component calls: tokenizer, sampler math, guidance, copies.
         "outside_components": summarize(outside),
@@ -281,7 +284,7 @@ def measure_engine_backend(
         if not ready:
             return skipped(entry, why, work, progress), None
     progress.phase(f"{name}: loading")
-    library = "tensorrt" if name == "tensorrt" else "onnxruntime"
+    library = {"tensorrt": "tensorrt", "openvino": "openvino"}.get(name, "onnxruntime")
     import_s = timed_import(library) if importlib.util.find_spec(library) else None
     pipe: Pipeline | None = None
     try:
@@ -292,9 +295,12 @@ def measure_engine_backend(
                 timed = TimedBackend(backend)
                 pipe = Pipeline(config.engine_dir, backend=timed)
                 pipe.load_all()
+            unet = manifest.components.get("unet")
             entry.update(
                 status="ok",
                 describe=timed.describe(),
+                # What the graphs computed in: OpenVINO's choice, else the export's.
+                precision=timed.compute_precision() or (unet.precision if unet else ""),
                 load_s=load.seconds,
                 import_s=import_s,
                 load_means="open every component of the engine dir (read the graphs or plans "
@@ -319,8 +325,10 @@ def measure_engine_backend(
 
 
 def measure_diffusers(
-    work: Workload, reference: Reference, progress: Progress
+    work: Workload, reference: Reference, progress: Progress, name: str = DIFFUSERS_BACKEND
 ) -> tuple[dict[str, Any], np.ndarray | None]:
+    """diffusers on the reference's weights: fp32 (fp16 on a GPU), or bf16 for
+    diffusers-bf16 (torch_dtype=torch.bfloat16, what a user on a bf16 CPU picks)."""
     import torch
 
     from sd_deploy.benchmarks.diffusers_backend import (
@@ -332,12 +340,15 @@ def measure_diffusers(
     )
 
     config, manifest = work.config, work.manifest
-    entry: dict[str, Any] = {"name": DIFFUSERS_BACKEND}
+    entry: dict[str, Any] = {"name": name}
     why = diffusers_unavailable()
     if why is not None:
         return skipped(entry, why, work, progress), None
     dtype = torch.float16 if reference.device == "cuda" else torch.float32
-    progress.phase("diffusers: converting")
+    if name == DIFFUSERS_BF16_BACKEND:
+        dtype = torch.bfloat16
+    precision = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
+    progress.phase(f"{name}: converting")
     with Stopwatch(synchronize=False) as imports:
         import_diffusers_pipeline()
     with MemoryWatch() as memory:
@@ -348,7 +359,7 @@ def measure_diffusers(
             status="ok",
             role="baseline (diffusers StableDiffusionPipeline on the same weights)",
             describe=backend.describe(),
-            precision="fp16" if dtype == torch.float16 else "fp32",
+            precision=precision,
             load_s=load.seconds,
             import_s=imports.seconds,
             load_means="convert the reference's state dicts with diffusers' single-file "
@@ -363,7 +374,7 @@ def measure_diffusers(
                 sessions[component] = backend.open(config.engine_dir, spec)
             return sessions[component].run(inputs)
 
-        entry["parity"] = _parity(DIFFUSERS_BACKEND, run_component, reference, progress)
+        entry["parity"] = _parity(name, run_component, reference, progress)
 
         def generate(batch: int) -> np.ndarray:
             prompts = config.prompts(batch)
@@ -379,12 +390,12 @@ def measure_diffusers(
                 progress=progress.step,
             )
 
-        entry["latency"], images = _latency(DIFFUSERS_BACKEND, generate, runner.log, work, progress)
+        entry["latency"], images = _latency(name, generate, runner.log, work, progress)
     entry["memory"] = memory.read()
     entry["memory"]["note"] = (
         "shares the reference's weight tensors"
         if dtype == torch.float32
-        else "holds its own fp16 copy of the UNet and VAE weights"
+        else f"holds its own {precision} copy of the UNet and VAE weights"
     )
     if config.sampler in STOCHASTIC_SAMPLERS:
         entry["parity"]["images"] = {
@@ -395,6 +406,82 @@ def measure_diffusers(
         entry["parity"]["images"] = image_parity(images, reference.images)
     _free(runner, backend)
     return entry, images
+
+
+# Our sampler names -> stable-diffusion.cpp's (sample_method, scheduler).
+SDCPP_SAMPLERS = {
+    "dpmpp_2m_karras": ("dpm++2m", "karras"),
+    "dpmpp_2m": ("dpm++2m", "discrete"),
+    "euler": ("euler", "discrete"),
+    "euler_a": ("euler_a", "discrete"),
+}
+SDCPP_MISSING = (
+    "stable-diffusion-cpp-python is not installed (pip install stable-diffusion-cpp-python "
+    "builds stable-diffusion.cpp from source)"
+)
+
+
+def measure_sdcpp(
+    work: Workload, reference: Reference, progress: Progress
+) -> tuple[dict[str, Any], np.ndarray | None]:
+    """stable-diffusion.cpp (f32 weights, its own CPU build) on the reference's weights saved
+    as an ldm checkpoint: end-to-end time only (it exposes no per-component timing), and
+    its images are not comparable (it draws its own noise)."""
+    import tempfile
+
+    config = work.config
+    entry: dict[str, Any] = {"name": SDCPP_BACKEND}
+    if importlib.util.find_spec("stable_diffusion_cpp") is None:
+        return skipped(entry, SDCPP_MISSING, work, progress), None
+    if config.sampler not in SDCPP_SAMPLERS:
+        why = f"no stable-diffusion.cpp sampler for {config.sampler}"
+        return skipped(entry, f"{why} (known: {', '.join(SDCPP_SAMPLERS)})", work, progress), None
+    if reference.models is None:
+        return skipped(entry, "the reference weights are already freed", work, progress), None
+    from stable_diffusion_cpp import StableDiffusion
+
+    from sd_deploy.models.checkpoints import save_checkpoint
+
+    method, schedule = SDCPP_SAMPLERS[config.sampler]
+    progress.phase(f"{SDCPP_BACKEND}: loading")
+    with tempfile.TemporaryDirectory() as tmp, MemoryWatch() as memory:
+        path = save_checkpoint(reference.models, Path(tmp) / "model.safetensors")
+        with Stopwatch(synchronize=False) as load:
+            sd = StableDiffusion(
+                model_path=str(path), n_threads=config.threads or -1, wtype="f32", verbose=False
+            )
+        entry.update(
+            status="ok",
+            describe="stable-diffusion.cpp (stable-diffusion-cpp-python, CPU, f32)",
+            precision="fp32",
+            load_s=load.seconds,
+            load_means="read the reference's weights saved as an ldm .safetensors checkpoint",
+        )
+
+        def generate(batch: int) -> np.ndarray:
+            images = sd.generate_image(
+                prompt=config.prompts(1)[0],
+                negative_prompt=NEGATIVE_PROMPT if config.guided else "",
+                width=config.width,
+                height=config.height,
+                cfg_scale=config.guidance,
+                sample_method=method,
+                scheduler=schedule,
+                sample_steps=config.steps,
+                seed=config.seed,
+                batch_count=batch,
+            )
+            for _ in range(config.steps):
+                progress.step()
+            return np.stack([np.asarray(image.convert("RGB")) for image in images])
+
+        entry["latency"], _ = _latency(SDCPP_BACKEND, generate, CallLog(), work, progress)
+    entry["memory"] = memory.read()
+    entry["parity"] = {
+        "components": {},
+        "images": {"not_comparable": "stable-diffusion.cpp draws its own initial noise"},
+    }
+    return entry, None
 
 
 def _parity(
@@ -429,7 +516,7 @@ def skipped(entry: dict[str, Any], reason: str, work: Workload, progress: Progre
 def ratios(backends: dict[str, dict[str, Any]], batches: tuple[int, ...]) -> dict[str, Any]:
     """Speed-ups (baseline median / backend median; > 1 is faster) against torch and diffusers."""
     result: dict[str, Any] = {}
-    for baseline in (REFERENCE_BACKEND, DIFFUSERS_BACKEND):
+    for baseline in (REFERENCE_BACKEND, *DIFFUSERS_BACKENDS):
         base = backends.get(baseline)
         if base is None or base.get("status") != "ok":
             continue
@@ -444,7 +531,7 @@ def ratios(backends: dict[str, dict[str, Any]], batches: tuple[int, ...]) -> dic
                     # Best run against best run: the least disturbed by other work.
                     "end_to_end_best": _ratio(theirs["end_to_end"], ours["end_to_end"], "min"),
                 }
-                for component in COMPONENT_ORDER:
+                for component in COMPONENTS:
                     if component in ours["components"] and component in theirs["components"]:
                         figures[component] = _ratio(
                             theirs["components"][component], ours["components"][component]
@@ -525,13 +612,17 @@ def run_benchmark(
         start = load_average()
         entry, reference = measure_reference(work, bar)
         record(REFERENCE_BACKEND, (entry, reference.images), start)
-        if DIFFUSERS_BACKEND in config.backends:
+        for name in DIFFUSERS_BACKENDS:
+            if name in config.backends:
+                start = load_average()
+                record(name, measure_diffusers(work, reference, bar, name), start)
+        if SDCPP_BACKEND in config.backends:
             start = load_average()
-            record(DIFFUSERS_BACKEND, measure_diffusers(work, reference, bar), start)
+            record(SDCPP_BACKEND, measure_sdcpp(work, reference, bar), start)
         reference.models = None  # the engine backends need only the recorded outputs
         gc.collect()
         for name in config.backends:
-            if name in (REFERENCE_BACKEND, DIFFUSERS_BACKEND):
+            if name in (REFERENCE_BACKEND, *DIFFUSERS_BACKENDS, SDCPP_BACKEND):
                 continue
             start = load_average()
             record(name, measure_engine_backend(name, work, reference, bar), start)

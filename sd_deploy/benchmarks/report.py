@@ -17,6 +17,7 @@ import numpy as np
 
 from sd_deploy.benchmarks.plots import format_seconds, image_grid, latency_chart
 from sd_deploy.engine_dir.atomic import write_atomic
+from sd_deploy.engine_dir.layout import REQUIRED_COMPONENTS
 
 COMPONENT_TITLES = {
     "text_encoder": "text encoder",
@@ -80,7 +81,7 @@ def save_images(images: dict[str, np.ndarray], folder: Path) -> list[Path]:
 def latency_panels(report: dict[str, Any], batch: str) -> list[tuple[str, list[tuple[str, float]]]]:
     panels: list[tuple[str, list[tuple[str, float]]]] = []
     backends = {n: e for n, e in report["backends"].items() if e.get("status") == "ok"}
-    for component in ("text_encoder", "unet", "vae_decoder"):
+    for component in REQUIRED_COMPONENTS:
         rows = [
             (name, e["latency"][batch]["components"][component]["median"])
             for name, e in backends.items()
@@ -117,6 +118,13 @@ def _x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _vs(ratios: dict[str, Any], name: str, batch: str, baseline: str) -> str:
+    """End-to-end speed-up of `name` over `baseline` as a table cell."""
+    if name == baseline:
+        return "1.00x (baseline)"
+    return _x(ratios.get(name, {}).get("latency", {}).get(batch, {}).get("end_to_end"))
+
+
 def _e(value: Any) -> str:
     if value is None:
         return "-"
@@ -150,6 +158,7 @@ def markdown(report: dict[str, Any]) -> str:
     first = str(c["batches"][0])
     vs_torch = report.get("ratios", {}).get("vs_torch", {})
     vs_diff = report.get("ratios", {}).get("vs_diffusers", {})
+    vs_bf16 = report.get("ratios", {}).get("vs_diffusers-bf16")
     gpu = m.get("gpu")
     lines = [
         "# sd-bench report",
@@ -201,6 +210,7 @@ def markdown(report: dict[str, Any]) -> str:
                 _x(vs_diff.get(name, {}).get("latency", {}).get(first, {}).get("end_to_end"))
                 if name != "diffusers"
                 else "1.00x (baseline)",
+                *([] if vs_bf16 is None else [_vs(vs_bf16, name, first, "diffusers-bf16")]),
                 _psnr(parity.get("images")) if name != "torch" else "reference",
                 _e(worst) if name != "torch" else "reference",
             ]
@@ -214,6 +224,7 @@ def markdown(report: dict[str, Any]) -> str:
             "UNet per step",
             "vs PyTorch",
             "vs diffusers",
+            *([] if vs_bf16 is None else ["vs diffusers-bf16"]),
             "image PSNR / SSIM",
             "worst component rel. L2",
         ],

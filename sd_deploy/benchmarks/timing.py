@@ -111,6 +111,9 @@ class TimedBackend(Backend):
     def describe(self) -> str:
         return self.inner.describe()
 
+    def compute_precision(self) -> str:
+        return self.inner.compute_precision()
+
     def open(self, engine_dir: Path, spec: ComponentSpec) -> ComponentSession:
         return TimedSession(self.inner.open(engine_dir, spec), self.log)
 

@@ -155,6 +155,63 @@ def test_bench_parity_is_within_bounds(bench_run):
     assert report["backends"]["torch"]["reference_image_contrast"] > 5.0
 
 
+# bf16 keeps 8 mantissa bits: the tiny model's components measured 1e-3..1e-2 rel L2.
+BF16_BOUNDS = (5e-2, 0.998, 25.0)
+HAVE_OPENVINO = importlib.util.find_spec("openvino") is not None
+HAVE_SDCPP = importlib.util.find_spec("stable_diffusion_cpp") is not None
+
+
+def test_bench_measures_the_cpu_peers(tmp_path, tiny_engine_fp32):
+    """openvino (ours, bf16 where the CPU has it), diffusers-bf16, and stable-diffusion.cpp
+    (skipped with the reason where its package is missing), precision in the report."""
+    from sd_deploy.runtime.backends.openvino import bf16_hardware
+
+    report_dir = tmp_path / "report"
+    result = invoke(
+        [
+            "--engine", tiny_engine_fp32,
+            "--backends", "openvino,diffusers-bf16,stable-diffusion.cpp",
+            "--steps", 2, "--batch", 1, "--runs", 1, "--warmup", 0,
+            "--sampler", "dpmpp_2m_karras", "--threads", 1,
+            "--report", report_dir, "--quiet",
+        ]
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = strict_loads((report_dir / "report.json").read_text())
+    backends = report["backends"]
+    assert sorted(backends) == ["diffusers-bf16", "openvino", "stable-diffusion.cpp", "torch"]
+    if HAVE_OPENVINO:
+        ov = backends["openvino"]
+        assert ov["status"] == "ok", ov
+        assert ov["precision"] == ("bf16" if bf16_hardware() else "fp32")
+    else:
+        assert backends["openvino"]["status"] == "skipped"
+    if HAVE_DIFFUSERS:
+        assert backends["diffusers-bf16"]["status"] == "ok"
+        assert backends["diffusers-bf16"]["precision"] == "bf16"
+        assert "vs_diffusers-bf16" in report["ratios"]
+        assert "vs diffusers-bf16" in (report_dir / "report.md").read_text()
+    for name in ("openvino", "diffusers-bf16"):
+        entry = backends[name]
+        if entry["status"] != "ok":
+            continue
+        max_rel_l2, min_cosine, min_psnr = (
+            BF16_BOUNDS if entry["precision"] == "bf16" else PARITY_BOUNDS["fp32"]
+        )
+        for component, p in entry["parity"]["components"].items():
+            assert p["rel_l2"] <= max_rel_l2, (name, component, p)
+            assert p["cosine"] >= min_cosine, (name, component, p)
+        psnr = entry["parity"]["images"]["psnr_db"]
+        assert (math.inf if psnr == "inf" else psnr) >= min_psnr, (name, entry["parity"])
+    sdcpp = backends["stable-diffusion.cpp"]
+    if HAVE_SDCPP:
+        assert sdcpp["status"] == "ok", sdcpp
+        assert sdcpp["latency"]["1"]["end_to_end"]["median"] > 0
+    else:
+        assert sdcpp["status"] == "skipped"
+        assert "stable-diffusion-cpp-python is not installed" in sdcpp["reason"]
+
+
 # ------------------------------------------------------------------------------ errors
 
 
@@ -167,8 +224,8 @@ def one_line_error(result, fragment):
 
 
 def test_unknown_backend_is_one_line(tiny_engine_fp32, tmp_path):
-    r = invoke(["--engine", tiny_engine_fp32, "--backends", "torch,openvino", "--report", tmp_path])
-    one_line_error(r, "unknown backend 'openvino'; choose from torch, tensorrt, onnxruntime")
+    r = invoke(["--engine", tiny_engine_fp32, "--backends", "torch,mlx", "--report", tmp_path])
+    one_line_error(r, "unknown backend 'mlx'; choose from torch, tensorrt, onnxruntime")
 
 
 @pytest.mark.parametrize(
