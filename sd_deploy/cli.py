@@ -485,6 +485,11 @@ def run_command(
     image = load_init_image(init_image) if init_image is not None else None
     options = BackendOptions(threads=threads, graph_cache=not no_graph_cache, precision=precision)
     pipe = Pipeline(engine_dir, backend=backend, options=options, keep_loaded=False)
+    wants_lora = bool(loras) or "<lora:" in (prompt or "")
+    if wants_lora and backend == "auto" and not pipe.lora.supported:
+        # auto picked a backend without run-time LoRAs (OpenVINO): ONNX Runtime has them
+        pipe = Pipeline(engine_dir, backend="onnxruntime", options=options, keep_loaded=False)
+        pipe.backend_reason = "auto, and the LoRAs need ONNX Runtime or TensorRT"
     if lora_dirs:
         pipe.lora_dirs = list(lora_dirs)
     request = GenerationRequest(

@@ -351,8 +351,13 @@ class PipelineLoras:
         key, _, infos = self.library.resolve(specs)
         return key, infos
 
+    @property
+    def supported(self) -> bool:
+        """Whether the backend can switch LoRAs at run time (ONNX Runtime, TensorRT)."""
+        return hasattr(self.backend, "open_patched") or hasattr(self.backend, "refit")
+
     def _check_backend(self) -> None:
-        if not hasattr(self.backend, "open_patched") and not hasattr(self.backend, "refit"):
+        if not self.supported:
             raise LoraError(
                 f"the {self.backend.name} backend cannot switch LoRAs at run time; use "
                 "--backend onnxruntime or tensorrt, or merge them at export (sd-export --lora)"
