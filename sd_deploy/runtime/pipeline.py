@@ -361,9 +361,9 @@ class Pipeline:
                     )
                     offset += n
         total = time.perf_counter() - start
-        done = [r for r in results if r is not None]
-        for r in done:
-            r.timings["total"] = total
+        done = [result for result in results if result is not None]
+        for result in done:
+            result.timings["total"] = total
         return done
 
     def _fit_batches(

@@ -74,8 +74,10 @@ def _select(
     if name == "tensorrt":
         from sd_deploy.runtime.backends.tensorrt import TensorRTBackend
 
-        backend = TensorRTBackend(engine_dir, manifest, cuda_graph=options.cuda_graph)
-        return backend, "requested --backend tensorrt"
+        return (
+            TensorRTBackend(engine_dir, manifest, cuda_graph=options.cuda_graph),
+            "requested --backend tensorrt",
+        )
     if name.startswith("onnxruntime"):
         from sd_deploy.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
@@ -89,8 +91,10 @@ def _select(
     if trt_ok:
         from sd_deploy.runtime.backends.tensorrt import TensorRTBackend
 
-        backend = TensorRTBackend(engine_dir, manifest, cuda_graph=options.cuda_graph)
-        return backend, f"auto: {trt_reason}"
+        return (
+            TensorRTBackend(engine_dir, manifest, cuda_graph=options.cuda_graph),
+            f"auto: {trt_reason}",
+        )
     has_ort = importlib.util.find_spec("onnxruntime") is not None
     has_openvino = importlib.util.find_spec("openvino") is not None
     cuda = False
