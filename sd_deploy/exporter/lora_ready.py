@@ -40,10 +40,12 @@ FLOATS = {np.dtype(np.float32), np.dtype(np.float16)}
 
 
 def _digest(array: np.ndarray) -> bytes:
+    """Hash of values, shape and dtype, without copying a contiguous array (full-size
+    UNets hold GBs of these)."""
     a = np.ascontiguousarray(array)
-    return hashlib.blake2b(
-        a.tobytes() + repr((a.shape, a.dtype.str)).encode(), digest_size=16
-    ).digest()
+    h = hashlib.blake2b(repr((a.shape, a.dtype.str)).encode(), digest_size=16)
+    h.update(memoryview(a).cast("B"))
+    return h.digest()
 
 
 def prepare_lora_ready(onnx_path: Path, models: LoadedModels, component: str) -> list[Path]:
@@ -62,23 +64,27 @@ def prepare_lora_ready(onnx_path: Path, models: LoadedModels, component: str) ->
         target: module.weight.detach().float().cpu().numpy()
         for target, module in lora_modules(models)[component].items()
     }
-    dtypes = {np.dtype(numpy_helper.to_array(i).dtype) for i in model.graph.initializer}
+    dtypes = {
+        np.dtype(onnx.helper.tensor_dtype_to_np_dtype(i.data_type)) for i in model.graph.initializer
+    }
     wanted: dict[bytes, list[tuple[str, bool]]] = {}
     for target, w in weights.items():
-        candidates = {w.astype(dtype).tobytes(): w.astype(dtype) for dtype in dtypes & FLOATS}
+        casts = [w if w.dtype == dtype else w.astype(dtype) for dtype in dtypes & FLOATS]
         if np.dtype(np.float16) in dtypes:
             # fp16 exports keep some layers in fp32 (precision policy): fp16-rounded values
-            rounded = w.astype(np.float16).astype(np.float32)
-            candidates[rounded.tobytes()] = rounded
-        for cast in candidates.values():
-            wanted.setdefault(_digest(cast), []).append((target, False))
-            if cast.ndim == 2:
-                wanted.setdefault(_digest(cast.T), []).append((target, True))
+            casts.append(w.astype(np.float16).astype(np.float32))
+        for cast in casts:
+            for view, transpose in [(cast, False)] + ([(cast.T, True)] if cast.ndim == 2 else []):
+                hits = wanted.setdefault(_digest(view), [])
+                if (target, transpose) not in hits:
+                    hits.append((target, transpose))
+        del casts
     found: dict[str, list[tuple[str, bool]]] = {}
+    float_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
     for init in model.graph.initializer:
-        array = numpy_helper.to_array(init)
-        if array.dtype not in (np.float32, np.float16) or array.ndim not in (2, 4):
+        if init.data_type not in float_types or len(init.dims) not in (2, 4):
             continue
+        array = numpy_helper.to_array(init)
         for target, transpose in wanted.get(_digest(array), []):
             if (init.name, transpose) not in found.get(target, []):
                 found.setdefault(target, []).append((init.name, transpose))
