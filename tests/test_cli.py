@@ -79,7 +79,8 @@ def test_export_then_run_writes_pngs_with_parameters(tmp_path):
     files = sorted(pngs.glob("*.png"))
     assert [f.name for f in files] == ["00001-5.png", "00002-6.png"]
     text = Image.open(files[1]).text["parameters"]
-    assert text.startswith("a red circle\nNegative prompt: blurry\nSteps: 3, Sampler: euler_a")
+    # A1111's display name of the sampler (sd_deploy.runtime.infotext)
+    assert text.startswith("a red circle\nNegative prompt: blurry\nSteps: 3, Sampler: Euler a")
     assert "Seed: 6, Size: 64x64" in text
     # A second run never overwrites earlier images.
     assert invoke(run_command, args).exit_code == 0
@@ -142,7 +143,8 @@ def test_export_errors(args, fragment, tmp_path):
 
 
 def test_run_warns_in_one_line_about_a_truncated_prompt(tmp_path, tiny_engine_fp32):
-    prompt = " ".join(["red circle"] * 60)  # 120 words: far past 77 tokens
+    # 240 tokens: 4 chunks of 75, past the 3 (231-token context) the tiny UNet takes
+    prompt = " ".join(["red circle"] * 120)
     r = invoke(
         run_command,
         ["--engine", tiny_engine_fp32, "--prompt", prompt, "--steps", "1", "--out", tmp_path],
@@ -151,7 +153,8 @@ def test_run_warns_in_one_line_about_a_truncated_prompt(tmp_path, tiny_engine_fp
     warning_lines = [line for line in r.stderr.splitlines() if "tokens" in line]
     assert len(warning_lines) == 1, r.stderr
     assert warning_lines[0].startswith("warning: prompt 0 (")
-    assert "dropped the last 45" in warning_lines[0]
+    assert "needs 4 chunks of 75 tokens" in warning_lines[0]
+    assert "at most 3 (231 tokens)" in warning_lines[0]
     assert "UserWarning" not in r.stderr
 
 

@@ -72,7 +72,11 @@ def test_io_contract_names_and_dtypes(tiny_engine_fp16):
         n: ([(t.name, t.dtype) for t in c.inputs], [t.name for t in c.outputs])
         for n, c in m.components.items()
     }
-    assert io["text_encoder"] == ([("input_ids", "int32")], ["text_embeddings"])
+    # clip_skip: A1111's Clip skip chosen at run time (SD 1.x graphs; SD 2.x has none)
+    assert io["text_encoder"] == (
+        [("input_ids", "int32"), ("clip_skip", "int32")],
+        ["text_embeddings"],
+    )
     assert io["unet"] == (
         [("sample", "float16"), ("timestep", "float32"), ("encoder_hidden_states", "float16")],
         ["model_output"],

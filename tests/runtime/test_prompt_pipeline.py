@@ -118,3 +118,54 @@ def test_infotext_is_a1111s(pipe):
         f"a (red) circle\nNegative prompt: blurry\nSteps: 2, Sampler: {sampler}, "
         f"CFG scale: {cfg}, Seed: 7, Size: 64x64, Model: tiny"
     )
+
+
+def _copy_with_manifest(src, dst, edit):
+    import json
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("ort_cpu_cache"))
+    path = dst / "manifest.json"
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+    return dst
+
+
+def test_old_manifest_without_the_new_fields_still_loads(tiny_engine_fp32, tmp_path, caplog):
+    def strip(data):
+        for field in ("clip_skip_max", "fixed_text_layer"):
+            data["model"].pop(field)
+        for spec in data["components"].values():
+            spec["shape_ranges"].pop("context_length")
+
+    old = _copy_with_manifest(tiny_engine_fp32, tmp_path / "old", strip)
+    with Pipeline(old, backend="onnxruntime") as p:
+        assert p.max_prompt_chunks == 1 and p.manifest.model.clip_skip_max == 1
+        with caplog.at_level("WARNING", logger="sd_deploy"):
+            result = p.generate(GenerationRequest(prompt=LONG, steps=1, seed=0))
+        assert "needs 2 chunks" in caplog.text  # cut to the one chunk such a UNet takes
+        assert result.images.shape == (1, 64, 64, 3)
+        with pytest.raises(RequestError, match="more than the text encoder's 1 layers"):
+            p.validate(GenerationRequest(prompt="x", clip_skip=2))
+
+
+def test_fixed_text_layer_ignores_clip_skip(tiny_engine_fp32, tmp_path, caplog):
+    def fixed(data):
+        data["model"]["fixed_text_layer"] = True
+
+    sd2_like = _copy_with_manifest(tiny_engine_fp32, tmp_path / "sd2", fixed)
+    with Pipeline(sd2_like, backend="onnxruntime") as p:
+        with caplog.at_level("WARNING", logger="sd_deploy"):
+            resolved = p.validate(GenerationRequest(prompt="x", clip_skip=2))
+        assert resolved.clip_skip == 1 and "clip skip 2 ignored" in caplog.text
+
+
+def test_sd2_graphs_have_no_clip_skip_input():
+    pytest.importorskip("torch")
+    from sd_deploy.exporter.components import clip_skip_max, component_graphs
+    from sd_deploy.models import build_random, get_preset
+
+    models = build_random(get_preset("tiny-v"), seed=0)
+    names = [i.name for i in component_graphs(models)["text_encoder"].inputs]
+    assert names == ["input_ids"] and clip_skip_max(models) == 1
