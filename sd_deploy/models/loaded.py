@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from sd_deploy.models.presets import ModelConfig
-from sd_deploy.models.text_encoder import TextEncoder
+from sd_deploy.models.text_encoder import PenultimateTextEncoder, ProjectedTextEncoder, TextEncoder
 from sd_deploy.models.unet import UNetModel
 from sd_deploy.models.vae import AutoencoderKL
 
@@ -29,13 +30,35 @@ class LoadedModels:
     source_sha256: str | None = None
     # A diffusers folder brings its own tokenizer files; otherwise the packaged CLIP BPE.
     tokenizer_dir: Path | None = None
+    # SDXL: the OpenCLIP ViT-bigG tower, and a diffusers folder's tokenizer_2/ files.
+    text_encoder_2: ProjectedTextEncoder | None = None
+    tokenizer_2_dir: Path | None = None
+
+    def modules(self) -> list[nn.Module]:
+        found = [self.unet, self.vae, self.text_encoder, self.text_encoder_2]
+        return [m for m in found if m is not None]
 
     def to(self, dtype: torch.dtype) -> LoadedModels:
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in self.modules():
             module.to(dtype)
         return self
 
     def eval(self) -> LoadedModels:
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in self.modules():
             module.eval().requires_grad_(False)
         return self
+
+
+def build_modules(config: ModelConfig) -> dict[str, nn.Module]:
+    """The family's modules by component name (under the caller's device context: the meta
+    device for loading, the CPU with seeded init for random weights)."""
+    modules: dict[str, nn.Module] = {
+        "unet": UNetModel(config.unet),
+        "vae": AutoencoderKL(config.vae),
+    }
+    if config.text_encoder_2 is None:
+        modules["text_encoder"] = TextEncoder(config.text_encoder)
+    else:
+        modules["text_encoder"] = PenultimateTextEncoder(config.text_encoder)
+        modules["text_encoder_2"] = ProjectedTextEncoder(config.text_encoder_2)
+    return modules

@@ -8,11 +8,8 @@ import torch
 
 from sd_deploy.errors import CheckpointError, UserError
 from sd_deploy.models import checkpoints
-from sd_deploy.models.loaded import LoadedModels
+from sd_deploy.models.loaded import LoadedModels, build_modules
 from sd_deploy.models.presets import PRESETS, ModelConfig, get_preset
-from sd_deploy.models.text_encoder import TextEncoder
-from sd_deploy.models.unet import UNetModel
-from sd_deploy.models.vae import AutoencoderKL
 
 # Name users pass (or omit) for the small trained model shipped inside the package.
 DEFAULT_MODEL = "default"
@@ -24,9 +21,7 @@ def build_random(config: ModelConfig, seed: int = 0) -> LoadedModels:
     torch.manual_seed(seed)
     try:
         models = LoadedModels(
-            unet=UNetModel(config.unet),
-            vae=AutoencoderKL(config.vae),
-            text_encoder=TextEncoder(config.text_encoder),
+            **build_modules(config),  # type: ignore[arg-type]
             config=config,
             source=f"preset:{config.family}:random-seed-{seed}",
         )

@@ -45,6 +45,14 @@ class ModelConfig:
     default_sampler: str = "dpmpp_2m_karras"
     default_steps: int = 30
     default_guidance: float = 7.5
+    # SDXL: the second text tower (OpenCLIP ViT-bigG, `ProjectedTextEncoder`) and its pad id
+    # (OpenCLIP pads with 0); None for one-tower families.
+    text_encoder_2: TextEncoderConfig | None = None
+    pad_token_id_2: int = 0
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
     @property
     def latent_channels(self) -> int:
@@ -83,6 +91,24 @@ _SD2_TEXT = TextEncoderConfig(
 _SD2_UNET = UNetConfig(
     num_head_channels=64, context_dim=1024, use_linear_in_transformer=True, upcast_attention=True
 )
+
+_SDXL_TEXT_2 = TextEncoderConfig(
+    hidden_size=1280,
+    intermediate_size=5120,
+    num_hidden_layers=32,
+    num_attention_heads=20,
+    hidden_act="gelu",
+)
+_TINY_XL_TEXT_1 = TextEncoderConfig(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2
+)
+_TINY_XL_TEXT_2 = TextEncoderConfig(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+    hidden_act="gelu",
+)  # fmt: skip
+# SDXL conditions the UNet on 6 size numbers, 256 sinusoids each, after the pooled embedding.
+SDXL_TIME_IDS = 6
+SDXL_TIME_EMBED = 256
 
 PRESETS: dict[str, ModelConfig] = {
     "sd15": ModelConfig("sd15", UNetConfig(), VAEConfig(), _SD1_TEXT),
@@ -127,6 +153,40 @@ PRESETS: dict[str, ModelConfig] = {
         pad_token_id=0,
         fixed_text_layer=True,
         default_steps=10,
+    ),
+    # SDXL base 1.0 (sgm layout): attention at the two lower levels only, 1/2/10 transformer
+    # blocks, context 768 + 1280, vector conditioning 1280 + 6 * 256.
+    "sdxl": ModelConfig(
+        "sdxl",
+        UNetConfig(
+            channel_mult=(1, 2, 4), attention_resolutions=(2, 4), context_dim=2048,
+            num_head_channels=64, transformer_depth=(1, 2, 10), use_linear_in_transformer=True,
+            adm_in_channels=1280 + SDXL_TIME_IDS * SDXL_TIME_EMBED,
+        ),
+        VAEConfig(scaling_factor=0.13025),
+        TextEncoderConfig(),
+        default_size=1024,
+        fixed_text_layer=True,
+        default_guidance=5.0,
+        text_encoder_2=_SDXL_TEXT_2,
+    ),
+    # The SDXL code paths at a few M parameters: no attention at level 0, per-level depths,
+    # linear projections, head channels, the label embedding, two towers.
+    "tiny-xl": ModelConfig(
+        "tiny-xl",
+        UNetConfig(
+            model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+            attention_resolutions=(2, 4), context_dim=32 + 64, num_head_channels=16,
+            transformer_depth=(1, 1, 2), use_linear_in_transformer=True,
+            adm_in_channels=64 + SDXL_TIME_IDS * SDXL_TIME_EMBED,
+        ),
+        VAEConfig(ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1, scaling_factor=0.13025),
+        _TINY_XL_TEXT_1,
+        default_size=64,
+        fixed_text_layer=True,
+        default_steps=10,
+        default_guidance=5.0,
+        text_encoder_2=_TINY_XL_TEXT_2,
     ),
     # The small model trained on coloured shapes that ships with the package (the default
     # model; tools/train_default_model.py). scaling_factor is 1/std of its VAE's latents.

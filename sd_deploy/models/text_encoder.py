@@ -28,11 +28,11 @@ class TextEncoderConfig:
     hidden_act: str = "quick_gelu"  # OpenAI CLIP; OpenCLIP ViT-H uses "gelu"
     layer_norm_eps: float = 1e-5
 
-    def to_transformers(self):  # -> transformers.CLIPTextConfig
+    def to_transformers(self, **extra):  # -> transformers.CLIPTextConfig
         from transformers import CLIPTextConfig
 
         return CLIPTextConfig(
-            **asdict(self), bos_token_id=49406, eos_token_id=49407, pad_token_id=49407
+            **asdict(self), bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, **extra
         )
 
 
@@ -69,3 +69,40 @@ class TextEncoder(nn.Module):
         skip = clip_skip.reshape(1).long().clamp(1, layers)
         chosen = torch.index_select(stacked, 0, layers - (skip - 1)).squeeze(0)
         return self.final_layer_norm(chosen)
+
+
+class PenultimateTextEncoder(TextEncoder):
+    """SDXL's first tower (`conditioner.embedders.0`, OpenAI CLIP ViT-L): the hidden states of
+    the layer before last, without the final layer norm (sgm's `layer="hidden"`,
+    `layer_idx=11`; diffusers' `hidden_states[-2]`). The last layer is kept so that the
+    checkpoint's keys load as they are; it does not run in the exported graph."""
+
+    def forward(  # type: ignore[override]
+        self, input_ids: torch.Tensor, clip_skip: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        out = self.model(input_ids=input_ids.long(), output_hidden_states=True)
+        return out.hidden_states[-2]
+
+
+class ProjectedTextEncoder(nn.Module):
+    """SDXL's second tower (`conditioner.embedders.1`, OpenCLIP ViT-bigG) as transformers'
+    `CLIPTextModelWithProjection`: input_ids [B,77] -> (penultimate hidden states without the
+    final norm [B,77,D], the pooled embedding [B,P]: the EOS token of the last layer through
+    the final norm and `text_projection`, as sgm's `FrozenOpenCLIPEmbedder2`)."""
+
+    def __init__(self, config: TextEncoderConfig) -> None:
+        super().__init__()
+        from transformers import CLIPTextModelWithProjection
+
+        self.config = config
+        self.model = CLIPTextModelWithProjection(
+            config.to_transformers(projection_dim=config.hidden_size)
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.text_projection.weight.dtype
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(input_ids=input_ids.long(), output_hidden_states=True)
+        return out.hidden_states[-2], out.text_embeds

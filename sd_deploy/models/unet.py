@@ -33,10 +33,21 @@ class UNetConfig:
     context_dim: int = 768
     num_heads: int = 8  # used when num_head_channels == -1
     num_head_channels: int = -1  # SD 2.x: 64 channels per head
-    transformer_depth: int = 1
+    # Transformer blocks per SpatialTransformer: one number, or one per level (SDXL: 1, 2, 10;
+    # the middle block takes the last level's). Levels without attention ignore theirs.
+    transformer_depth: int | tuple[int, ...] = 1
     use_linear_in_transformer: bool = False  # SD 2.x projects with Linear, SD 1.x with 1x1 conv
     upcast_attention: bool = False  # SD 2.1 needs fp32 attention in fp16
     norm_num_groups: int = 32
+    # SDXL (sgm): width of the vector `y` (pooled text embedding + size embeddings) added to
+    # the timestep embedding through `label_emb`; 0 = no such conditioning (SD 1.x / 2.x).
+    adm_in_channels: int = 0
+
+    def depth_at(self, level: int) -> int:
+        """Transformer blocks per SpatialTransformer at `level` (-1: the middle block)."""
+        if isinstance(self.transformer_depth, int):
+            return self.transformer_depth
+        return self.transformer_depth[level]
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
@@ -279,13 +290,21 @@ class UNetModel(nn.Module):
             nn.Linear(mc, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
         )
 
-        def transformer(ch: int) -> SpatialTransformer:
+        if c.adm_in_channels:
+            # sgm's `num_classes="sequential"`: keys label_emb.0.0 / label_emb.0.2.
+            self.label_emb = nn.Sequential(
+                nn.Sequential(
+                    nn.Linear(c.adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+                )
+            )
+
+        def transformer(ch: int, level: int) -> SpatialTransformer:
             if c.num_head_channels == -1:
                 heads, dim_head = c.num_heads, ch // c.num_heads
             else:
                 heads, dim_head = ch // c.num_head_channels, c.num_head_channels
             return SpatialTransformer(
-                ch, heads, dim_head, c.transformer_depth, c.context_dim,
+                ch, heads, dim_head, c.depth_at(level), c.context_dim,
                 c.use_linear_in_transformer, c.upcast_attention, groups,
             )  # fmt: skip
 
@@ -299,7 +318,7 @@ class UNetModel(nn.Module):
                 layers: list[nn.Module] = [ResBlock(ch, emb_dim, mult * mc, groups)]
                 ch = mult * mc
                 if ds in c.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_channels.append(ch)
             if level != len(c.channel_mult) - 1:
@@ -308,7 +327,9 @@ class UNetModel(nn.Module):
                 ds *= 2
 
         self.middle_block = TimestepEmbedSequential(
-            ResBlock(ch, emb_dim, ch, groups), transformer(ch), ResBlock(ch, emb_dim, ch, groups)
+            ResBlock(ch, emb_dim, ch, groups),
+            transformer(ch, -1),
+            ResBlock(ch, emb_dim, ch, groups),
         )
 
         self.output_blocks = nn.ModuleList()
@@ -317,7 +338,7 @@ class UNetModel(nn.Module):
                 layers = [ResBlock(ch + skip_channels.pop(), emb_dim, mc * mult, groups)]
                 ch = mc * mult
                 if ds in c.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, level))
                 if level and i == c.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
@@ -332,11 +353,20 @@ class UNetModel(nn.Module):
         return next(self.parameters()).dtype
 
     def forward(
-        self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        y: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """sample [B,C,h,w], timestep [B] (float, may be fractional), context [B,77,D]."""
+        """sample [B,C,h,w], timestep [B] (float, may be fractional), context [B,77,D];
+        y [B, adm_in_channels] (SDXL's vector conditioning, `sdxl_vector` builds it)."""
         dtype = self.dtype
         emb = self.time_embed(timestep_embedding(timestep, self.config.model_channels).to(dtype))
+        if self.config.adm_in_channels:
+            if y is None:
+                raise ValueError("this UNet needs the vector conditioning y")
+            emb = emb + self.label_emb(y.to(dtype))
         x = sample.to(dtype)
         context = encoder_hidden_states.to(dtype)
         skips = []
@@ -348,6 +378,15 @@ class UNetModel(nn.Module):
             x = torch.cat([x, skips.pop()], dim=1)
             x = block(x, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(x)
+
+
+def sdxl_vector(text_embeds: torch.Tensor, time_ids: torch.Tensor) -> torch.Tensor:
+    """SDXL's `y`: the pooled text embedding, then each of the 6 size numbers (original
+    height, width, crop top, left, target height, width) embedded with 256 sinusoids
+    (cos | sin, sgm's ConcatTimestepEmbedderND), [B, 1280 + 6 * 256]."""
+    b = time_ids.shape[0]
+    sizes = timestep_embedding(time_ids.float().reshape(-1), 256).reshape(b, -1)
+    return torch.cat([text_embeds.float(), sizes], dim=1)
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -37,4 +37,5 @@ def test_sd2_families_have_a_fixed_text_layer():
     from sd_deploy.models import PRESETS
 
     fixed = {name for name, p in PRESETS.items() if p.fixed_text_layer}
-    assert fixed == {"sd21", "sd21-base", "tiny-v"}
+    # SDXL's towers are read at their penultimate layers, built into the graphs as well
+    assert fixed == {"sd21", "sd21-base", "tiny-v", "sdxl", "tiny-xl"}

@@ -166,6 +166,7 @@ def _load_single_file(
         unet=built["unet"],
         vae=built["vae"],
         text_encoder=built["text_encoder"],
+        text_encoder_2=built.get("text_encoder_2"),
         config=config,
         source=str(path),
         source_sha256=sha256_file(path),

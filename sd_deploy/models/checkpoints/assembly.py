@@ -21,10 +21,8 @@ from torch import nn
 from sd_deploy.errors import CheckpointError
 from sd_deploy.models.checkpoints.messages import first_keys
 from sd_deploy.models.checkpoints.readers import Reader
+from sd_deploy.models.loaded import build_modules
 from sd_deploy.models.presets import ModelConfig
-from sd_deploy.models.text_encoder import TextEncoder
-from sd_deploy.models.unet import UNetModel
-from sd_deploy.models.vae import AutoencoderKL
 
 
 @dataclass
@@ -75,13 +73,9 @@ class Component:
 
 
 def meta_modules(config: ModelConfig) -> dict[str, nn.Module]:
-    """The three modules on the meta device: their keys and shapes, no memory."""
+    """The modules (three, four for SDXL) on the meta device: their keys and shapes, no memory."""
     with torch.device("meta"):
-        return {
-            "unet": UNetModel(config.unet),
-            "vae": AutoencoderKL(config.vae),
-            "text_encoder": TextEncoder(config.text_encoder),
-        }
+        return build_modules(config)
 
 
 def expected_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:

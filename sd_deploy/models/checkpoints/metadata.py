@@ -69,6 +69,8 @@ def _config_from_dict(data: dict[str, Any]) -> ModelConfig:
         "vae": build(VAEConfig, data["vae"]),
         "text_encoder": build(TextEncoderConfig, data["text_encoder"]),
     }
-    rest = {k: v for k, v in data.items() if k not in parts}
+    if data.get("text_encoder_2"):
+        parts["text_encoder_2"] = build(TextEncoderConfig, data["text_encoder_2"])
+    rest = {k: v for k, v in data.items() if k not in parts and k != "text_encoder_2"}
     known = {f.name for f in fields(ModelConfig)}
     return ModelConfig(**parts, **{k: v for k, v in rest.items() if k in known})

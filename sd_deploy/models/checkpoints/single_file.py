@@ -18,6 +18,7 @@ from dataclasses import replace
 from torch import nn
 
 from sd_deploy.errors import CheckpointError
+from sd_deploy.models.checkpoints import sdxl
 from sd_deploy.models.checkpoints.assembly import (
     Component,
     Source,
@@ -52,7 +53,7 @@ from sd_deploy.models.checkpoints.metadata import (
 )
 from sd_deploy.models.checkpoints.openclip import openclip_key
 from sd_deploy.models.checkpoints.readers import Reader
-from sd_deploy.models.presets import PRESETS, ModelConfig
+from sd_deploy.models.presets import PRESETS, ModelConfig, get_preset
 
 
 def single_file_config(
@@ -61,31 +62,41 @@ def single_file_config(
     """The file's `ModelConfig`, and how it was found (for error messages)."""
     meta = reader.metadata
     wanted = prediction or metadata_prediction(meta)
+    keys = reader.shapes
+    xl_file = sdxl.is_sdxl_file(keys)
     if family is not None:
+        if xl_file != get_preset(family).is_sdxl:
+            what = "an SDXL" if xl_file else "not an SDXL"
+            raise CheckpointError(
+                f"{reader.path} is {what} checkpoint (conditioner.embedders.* keys "
+                f"{'present' if xl_file else 'absent'}) but --family {family} was given; "
+                "leave --family out to detect the family"
+            )
+        if xl_file:
+            sdxl.refuse_refiner(reader)
         return named_preset(family, wanted)
     config = metadata_config(meta)
     if config is not None:
         how = "from the file's metadata"
         return (config.with_prediction_type(wanted) if wanted else config), how
-    keys = reader.shapes
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise CheckpointError(
-            f"{reader.path} is an SDXL checkpoint (conditioner.embedders.*): "
-            "SDXL is not supported yet; SD 1.x and 2.x are"
-        )
+    if xl_file:
+        config, how = sdxl.sdxl_preset(reader)
+        return (config.with_prediction_type(wanted) if wanted else config), how
     if not any(k.startswith(UNET_PREFIX) for k in keys) and not any(
         k.startswith(EMA_PREFIX + "diffusion_model") for k in keys
     ):
         hint = ""
         if "conv_in.weight" in keys or any(k.startswith("down_blocks.") for k in keys):
             hint = " (a diffusers component file? pass the diffusers folder instead)"
+        if any("lora" in k for k in keys):
+            hint = " (a LoRA file: pass it with --lora on top of a base model)"
         raise CheckpointError(
             f"{reader.path} does not look like a Stable Diffusion checkpoint: "
             f"no {UNET_PREFIX}* keys{hint}; it has {first_keys(sorted(keys))}"
         )
     detected = detect(keys)
     step = reader.extras.get("global_step")
-    candidates = [p for p in PRESETS.values() if matches_preset(detected, p)]
+    candidates = [p for p in PRESETS.values() if not p.is_sdxl and matches_preset(detected, p)]
     if candidates:
         config = choose_preset(candidates, wanted, step, meta.get(META_FAMILY))
         return config, f"detected as {config.family} from the tensor shapes"
@@ -100,7 +111,9 @@ def single_file_config(
 def single_file_components(
     reader: Reader, config: ModelConfig, modules: dict[str, nn.Module], use_ema: bool
 ) -> list[Component]:
-    """Plan the three modules (from `meta_modules(config)`) from one file's keys."""
+    """Plan the three modules (four for SDXL, from `meta_modules(config)`) from one file."""
+    if config.is_sdxl:
+        return sdxl.sdxl_components(reader, modules)
     shapes = reader.shapes
     consumed: set[str] = set()
     unet, vae, text = (Component(n, modules[n]) for n in COMPONENTS)

@@ -17,6 +17,7 @@ from sd_deploy.models.checkpoints.layout import (
 )
 from sd_deploy.models.checkpoints.metadata import config_metadata
 from sd_deploy.models.checkpoints.openclip import openclip_state_dict
+from sd_deploy.models.checkpoints.sdxl import sdxl_state_dict
 from sd_deploy.models.loaded import LoadedModels
 
 
@@ -42,7 +43,10 @@ def ldm_state_dict(
     for key, value in models.vae.state_dict().items():
         put(VAE_PREFIX + key, value)
     text = models.text_encoder
-    if text.config.hidden_act == "gelu":
+    if models.text_encoder_2 is not None:  # SDXL: sgm's conditioner.embedders.{0,1}
+        for key, value in sdxl_state_dict(text, models.text_encoder_2):
+            put(key, value)
+    elif text.config.hidden_act == "gelu":
         for key, value in openclip_state_dict(text):
             put(OPENCLIP_PREFIX + key, value)
     else:
