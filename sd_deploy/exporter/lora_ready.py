@@ -102,6 +102,9 @@ def prepare_lora_ready(onnx_path: Path, models: LoadedModels, component: str) ->
         else:  # absent (folded away) or ambiguous (equal weights share an initializer)
             unmapped.append(target)
 
+    # onnx appends to an existing external-data file: a >2 GB graph already has one
+    # (finalize_onnx), whose contents are in memory now.
+    (onnx_path.parent / EXTERNAL_DATA_NAME).unlink(missing_ok=True)
     onnx.save_model(
         model, str(onnx_path), save_as_external_data=True, all_tensors_to_one_file=True,
         location=EXTERNAL_DATA_NAME, size_threshold=0,
