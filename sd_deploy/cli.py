@@ -509,6 +509,7 @@ def run_command(
         emphasis=not no_emphasis,
     )
     resolved = pipe.validate(request)  # refuse a bad request before any output
+    request.seed = resolved.seed  # a random seed drawn once: the files are named after it
     paths = output_paths(out, [resolved.seed + i for i in range(resolved.batch)], overwrite)
     click.echo(f"backend: {pipe.backend.describe()} ({pipe.backend_reason})", err=True)
     with tqdm(disable=quiet, unit="step", desc="sampling") as bar:
