@@ -87,10 +87,11 @@ def run_clients(server, concurrency: int, requests: int, steps: int | None) -> d
     wall = time.perf_counter() - start
     if errors:
         raise errors[0]
-    after = server.statistics("sd")
+    after = server.statistics("sd", min_inferences=before["inference_count"] + requests)
     result = summary(latencies, wall, requests)
     executions = after["execution_count"] - before["execution_count"]
     result["executions"] = executions
+    result["inferences"] = after["inference_count"] - before["inference_count"]
     result["mean_batch"] = requests / executions if executions else float("nan")
     return result
 
@@ -104,11 +105,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="[engine default]")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--backend", default="auto", help="runtime backend, both sides")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="runtime CPU threads, both sides [backend's]"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
     from sd_deploy.engine_dir import read_manifest
-    from sd_deploy.runtime import Pipeline
+    from sd_deploy.runtime import BackendOptions, Pipeline
     from sd_deploy.serving import RepositoryConfig, write_model_repository
     from sd_deploy.serving.server import TritonServer
 
@@ -123,7 +127,9 @@ def main() -> None:
     write_model_repository(
         engine,
         work / "repo",
-        RepositoryConfig(max_batch=args.max_batch, kind="cpu", backend=args.backend),
+        RepositoryConfig(
+            max_batch=args.max_batch, kind="cpu", backend=args.backend, threads=args.threads
+        ),
     )
     server = TritonServer(
         work / "repo",
@@ -140,7 +146,8 @@ def main() -> None:
 
     def local_side(r: int) -> None:
         nonlocal backend_name
-        with Pipeline(engine, backend=args.backend) as pipe:
+        options = BackendOptions(threads=args.threads)
+        with Pipeline(engine, backend=args.backend, options=options) as pipe:
             pipe.load_all()
             backend_name = pipe.backend_name
             run_local(pipe, 2, args.steps)  # warm-up
@@ -172,6 +179,7 @@ def main() -> None:
         "steps": steps,
         "requests_per_config": args.requests,
         "backend": backend_name,
+        "threads": args.threads,
         "cpus": os.cpu_count(),
         "load_average_1_5_15_before": load_before,
         "load_average_1_5_15_after": load_after,

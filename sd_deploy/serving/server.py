@@ -363,9 +363,22 @@ class TritonServer:
         index = self._get("/v2/repository/index", method="POST", body=b"{}")
         return index if isinstance(index, list) else None
 
-    def statistics(self, model: str) -> dict[str, Any]:
-        """Triton's inference statistics of `model` (inference_count, execution_count, ...)."""
-        stats = self._get(f"/v2/models/{model}/stats")
-        if not stats:
-            raise UserError(f"no statistics for model {model}")
-        return dict(stats["model_stats"][0])
+    def statistics(
+        self, model: str, min_inferences: int = 0, timeout_s: float = 10.0
+    ) -> dict[str, Any]:
+        """Triton's inference statistics of `model` (inference_count, execution_count, ...).
+
+        The backend reports an execution's statistics after its responses went out, so a
+        client that just got its answer may read them before they count; `min_inferences`
+        waits (up to `timeout_s`) until inference_count has reached it."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            stats = self._get(f"/v2/models/{model}/stats")
+            if not stats:
+                raise UserError(f"no statistics for model {model}")
+            current = dict(stats["model_stats"][0])
+            if current.get("inference_count", 0) >= min_inferences:
+                return current
+            if time.monotonic() > deadline:
+                return current
+            time.sleep(0.1)
