@@ -43,3 +43,11 @@ def test_lora_ready_maps_every_target(tmp_path: Path, fp16: bool) -> None:
             weight = weight.T if record["transpose"] else weight
             np.testing.assert_allclose(raw.astype(np.float32), weight, rtol=1e-3, atol=1e-3)
     assert "lora_targets.json" not in {p.name for p in (out / "vae_decoder").glob("*")}
+    # a graph whose weights are already external (as a >2 GB UNet's are) is re-saved in
+    # place, not appended to
+    from sd_deploy.exporter.lora_ready import prepare_lora_ready
+
+    data = out / "unet" / "model.onnx_data"
+    size = data.stat().st_size
+    prepare_lora_ready(out / "unet" / "model.onnx", models, "unet")
+    assert data.stat().st_size == size
