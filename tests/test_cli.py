@@ -162,9 +162,12 @@ def test_run_warns_in_one_line_about_a_truncated_prompt(tmp_path, tiny_engine_fp
     ("command", "first_line"),
     [
         ("export_command", "Export a Stable Diffusion model"),
-        ("build_command", "Build TensorRT"),
+        ("build_command", "Build FP16 TensorRT engines"),
         ("run_command", "Generate images from an engine dir"),
         ("bench_command", "Parity and latency"),
+        ("triton_group", "Serve engine dirs with NVIDIA Triton"),
+        ("triton_export_command", "Write a Triton model repository"),
+        ("triton_serve_command", "Run tritonserver on the repository"),
     ],
 )
 def test_every_command_describes_itself(command, first_line):
