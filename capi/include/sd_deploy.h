@@ -69,9 +69,10 @@ typedef enum {
   SD_ERR_NONFINITE = 4,        /* NaN/Inf in a component's output */
   SD_ERR_CANCELLED = 5,        /* the progress callback asked to stop */
   SD_ERR_BUFFER_TOO_SMALL = 6, /* rgb capacity < sd_output_bytes() */
-  SD_ERR_PYTHON = 7            /* interpreter or sd_deploy cannot be initialised, or an
+  SD_ERR_PYTHON = 7,           /* interpreter or sd_deploy cannot be initialised, or an
                                   unexpected Python exception (a bug: its traceback goes
                                   to stderr) */
+  SD_ERR_CHECKPOINT = 8        /* addition: a LoRA file a prompt names cannot be read */
 } sd_status;
 
 /* Called after each sampling step. Return nonzero to cancel: sd_generate then stops

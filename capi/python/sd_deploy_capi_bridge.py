@@ -2,8 +2,8 @@
 
 Compiled into the C library as source (capi/CMakeLists.txt embeds this file), so an
 installed library needs nothing beside the sd-deploy package itself. It uses only the
-public API: sd_deploy.runtime's Pipeline and GenerationRequest, and the `code` that every
-sd_deploy error carries (sd_deploy.errors.ErrorCode). It keeps no state: the C side owns
+public API: sd_deploy.runtime's Pipeline, GenerationRequest and UserError, whose `code` (an
+sd_deploy.errors.ErrorCode) every sd_deploy error carries. It keeps no state: the C side owns
 each Pipeline object and passes it back in.
 """
 
@@ -15,13 +15,14 @@ from collections.abc import Callable
 
 import numpy as np
 
-from sd_deploy.errors import UserError
-from sd_deploy.runtime import GenerationRequest, Pipeline
+from sd_deploy.runtime import GenerationRequest, Pipeline, UserError
 
-# The ErrorCode values sd_deploy.h has a status for; any other exception is a bug and
-# becomes SD_ERR_PYTHON.
+# The ErrorCode values sd_deploy.h has an sd_status for (the same numbers). A UserError
+# with another code is still the caller's to fix: SD_ERR_INVALID_ARGUMENT. Any other
+# exception is a bug: SD_ERR_PYTHON.
+INVALID_ARGUMENT = 1
 PYTHON_ERROR = 7
-C_STATUSES = {1, 2, 3, 4, 5, 8, 9}
+C_STATUSES = {1, 2, 3, 4, 5, 8}
 
 
 def claim_stdout() -> None:
@@ -102,8 +103,8 @@ def describe_error(exc: BaseException) -> tuple[int, str]:
     and the status is SD_ERR_PYTHON."""
     text = str(exc).strip()
     line = text.splitlines()[0] if text else type(exc).__name__
-    code = getattr(exc, "code", None) if isinstance(exc, UserError) else None
-    if isinstance(code, int) and int(code) in C_STATUSES:
-        return int(code), line
+    if isinstance(exc, UserError):
+        code = getattr(exc, "code", INVALID_ARGUMENT)
+        return (int(code) if code in C_STATUSES else INVALID_ARGUMENT), line
     traceback.print_exception(exc, file=sys.stderr)
     return PYTHON_ERROR, f"{type(exc).__name__}: {line}"

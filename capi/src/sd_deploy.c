@@ -67,6 +67,7 @@ const char *sd_status_name(sd_status status) {
     case SD_ERR_CANCELLED: return "SD_ERR_CANCELLED";
     case SD_ERR_BUFFER_TOO_SMALL: return "SD_ERR_BUFFER_TOO_SMALL";
     case SD_ERR_PYTHON: return "SD_ERR_PYTHON";
+    case SD_ERR_CHECKPOINT: return "SD_ERR_CHECKPOINT";
   }
   return "SD_ERR_UNKNOWN";
 }

@@ -280,6 +280,10 @@ static void case_errors(void) {
   CHECK(c.calls == 3 && c.last_step == 2 && c.steps == steps,
         "cancel: %d calls, last step %d of %d", c.calls, c.last_step, c.steps);
 
+  req = base_request("a red circle <lora:no_such_lora:1>", 1);
+  record("lora_missing", sd_generate(p, &req, rgb, capacity, NULL, NULL, NULL),
+         SD_ERR_CHECKPOINT);
+
   /* guidance this large overflows the latents to Inf; the UNet then returns NaN */
   req = base_request("a red circle on a white background", 1);
   req.guidance = 3e38f;

@@ -143,6 +143,7 @@ def test_every_error_code_with_its_message(c_results):
         "buffer_too_small": ("SD_ERR_BUFFER_TOO_SMALL", "12287 bytes"),
         "cancel_at_step_2": ("SD_ERR_CANCELLED", "cancel"),
         "nonfinite": ("SD_ERR_NONFINITE", "NaN"),
+        "lora_missing": ("SD_ERR_CHECKPOINT", "no_such_lora"),
         "after_errors": ("SD_OK", ""),
     }
     for name, (status, fragment) in expected.items():
