@@ -13,22 +13,26 @@ from pathlib import Path
 
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
+TOKENIZER_2_DIR = "tokenizer_2"  # SDXL's second tokenizer (same BPE files, padded with 0)
 ONNX_NAME = "model.onnx"
 EXTERNAL_DATA_NAME = "model.onnx_data"
 PLAN_NAME = "model.plan"
 PLAN_METADATA_SUFFIX = ".json"
 ORT_CACHE_DIR = "ort_cpu_cache"
 
-# Every component an engine dir may hold, in pipeline order.
-COMPONENTS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+# Every component an engine dir may hold, in pipeline order. text_encoder_2 is SDXL's second
+# text tower (OpenCLIP ViT-bigG); SD 1.x / 2.x engine dirs have none.
+COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 # Components a txt2img run cannot do without; vae_encoder is only needed for img2img.
 REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
 IMG2IMG_COMPONENTS = (*REQUIRED_COMPONENTS, "vae_encoder")
+SECOND_TEXT_ENCODER = "text_encoder_2"
 
 
-def needed_components(img2img: bool) -> tuple[str, ...]:
-    """The components one generation runs."""
-    return IMG2IMG_COMPONENTS if img2img else REQUIRED_COMPONENTS
+def needed_components(img2img: bool, two_text_encoders: bool = False) -> tuple[str, ...]:
+    """The components one generation runs (SDXL: both text towers)."""
+    needed = IMG2IMG_COMPONENTS if img2img else REQUIRED_COMPONENTS
+    return (needed[0], SECOND_TEXT_ENCODER, *needed[1:]) if two_text_encoders else needed
 
 
 def plan_path(engine_dir: str | Path, component: str) -> Path:

@@ -17,6 +17,7 @@ from typing import Any
 
 from sd_deploy.engine_dir.atomic import write_atomic
 from sd_deploy.engine_dir.layout import MANIFEST_NAME, REQUIRED_COMPONENTS
+from sd_deploy.engine_dir.manifest_checks import check_manifest_data
 from sd_deploy.errors import EngineDirError
 
 SCHEMA_VERSION = 1
@@ -136,6 +137,16 @@ class ModelInfo:
     # (the penultimate), so Clip skip does not apply. Absent from older manifests: 1, False.
     clip_skip_max: int = 1
     fixed_text_layer: bool = False
+    # SDXL (absent from other manifests: the defaults, no extra conditioning). The UNet's
+    # context is text_encoder's hidden states then text_encoder_2's, concatenated on the last
+    # axis (text_embed_dim = both widths). pooled_embed_dim: width of the unet's `text_embeds`
+    # input (text_encoder_2's `text_embeds` output of the positive / negative prompt's first
+    # chunk). time_ids: what each column of the unet's `time_ids` input holds, in order.
+    # zero_negative_for_empty_prompt: an empty negative prompt conditions on zeros (context
+    # and pooled), not on the encoded empty string, as SDXL's reference sampling does.
+    pooled_embed_dim: int = 0
+    time_ids: list[str] = field(default_factory=list)
+    zero_negative_for_empty_prompt: bool = False
 
 
 @dataclass
@@ -162,12 +173,15 @@ class Manifest:
     # fields, so a C++ caller needs no Python to drive them.
     io_conventions: dict[str, str]
     schema_version: int = SCHEMA_VERSION
+    # SDXL's second tokenizer (same CLIP BPE files, OpenCLIP's padding with 0); None otherwise.
+    tokenizer_2: TokenizerInfo | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "schema_version": self.schema_version,
             "model": asdict(self.model),
             "tokenizer": asdict(self.tokenizer),
+            **({"tokenizer_2": asdict(self.tokenizer_2)} if self.tokenizer_2 else {}),
             "scheduler": self.scheduler,
             "io_conventions": self.io_conventions,
             "provenance": self.provenance,
@@ -180,6 +194,7 @@ class Manifest:
             schema_version=data["schema_version"],
             model=ModelInfo(**data["model"]),
             tokenizer=TokenizerInfo(**data["tokenizer"]),
+            tokenizer_2=TokenizerInfo(**data["tokenizer_2"]) if data.get("tokenizer_2") else None,
             scheduler=dict(data["scheduler"]),
             io_conventions=dict(data.get("io_conventions", {})),
             provenance=dict(data.get("provenance", {})),
@@ -218,6 +233,7 @@ def read_manifest(
             f"{path} has schema_version {version!r}; this sd-deploy reads version "
             f"{SCHEMA_VERSION} (re-export with this version's sd-export)"
         )
+    check_manifest_data(data, path)
     try:
         manifest = Manifest.from_json(data)
     except (KeyError, TypeError, ValueError) as exc:
@@ -234,10 +250,17 @@ def read_manifest(
                 raise EngineDirError(
                     f"{root} is incomplete: {rel} named by the manifest is missing"
                 )
-    tok = root / manifest.tokenizer.path
-    for name in ("vocab.json", "merges.txt"):
-        if not (tok / name).is_file():
+    if manifest.tokenizer_2 is not None and "text_encoder_2" not in manifest.components:
+        if "text_encoder" in require:
             raise EngineDirError(
-                f"{root} is incomplete: {manifest.tokenizer.path}/{name} is missing"
+                f"{root} lacks component text_encoder_2, SDXL's second text encoder "
+                "(export it with sd-export --component text_encoder_2)"
             )
+    for info in (manifest.tokenizer, manifest.tokenizer_2):
+        if info is None:
+            continue
+        tok = root / info.path
+        for name in ("vocab.json", "merges.txt"):
+            if not (tok / name).is_file():
+                raise EngineDirError(f"{root} is incomplete: {info.path}/{name} is missing")
     return manifest

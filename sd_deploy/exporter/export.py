@@ -16,7 +16,7 @@ import sd_deploy
 from sd_deploy.engine_dir import shapes
 from sd_deploy.engine_dir.atomic import staged_dir
 from sd_deploy.engine_dir.hashing import files_sha256
-from sd_deploy.engine_dir.layout import COMPONENTS
+from sd_deploy.engine_dir.layout import COMPONENTS, TOKENIZER_2_DIR
 from sd_deploy.engine_dir.manifest import (
     CONTEXT_CHUNK,
     ComponentSpec,
@@ -29,6 +29,8 @@ from sd_deploy.engine_dir.manifest import (
 from sd_deploy.errors import ExportError
 from sd_deploy.exporter.components import (
     IO_CONVENTIONS,
+    SDXL_TIME_IDS,
+    SDXL_UNET_CONVENTIONS,
     ComponentGraph,
     clip_skip_max,
     component_graphs,
@@ -47,8 +49,10 @@ from sd_deploy.models import LoadedModels
 DEFAULT_OPSET = 17
 
 
-def resolve_components(names: Sequence[str]) -> list[str]:
-    """'all' or component names -> ordered unique list; unknown names are a user error."""
+def resolve_components(names: Sequence[str], available: Sequence[str] | None = None) -> list[str]:
+    """'all' or component names -> ordered unique list; unknown names are a user error.
+
+    available: the model's graphs ('all' means those; text_encoder_2 is SDXL's only)."""
     result: list[str] = []
     for name in names:
         wanted = COMPONENTS if name == "all" else (name,)
@@ -57,6 +61,10 @@ def resolve_components(names: Sequence[str]) -> list[str]:
                 raise ExportError(
                     f"unknown component {n!r}; choose from {', '.join(COMPONENTS)} or all"
                 )
+            if available is not None and n not in available:
+                if name == "all":
+                    continue
+                raise ExportError(f"this model has no component {n!r} (it is SDXL's only)")
             if n not in result:
                 result.append(n)
     return result
@@ -108,6 +116,7 @@ def export_component(
 
     lora_ready: keep the weights external and write lora_targets.json (run-time LoRAs).
     """
+    fp16 = fp16 and not graph.keep_fp32
     precision = "fp16" if fp16 else "fp32"
     scale = models.config.vae_scale_factor
     reference = graph.build(models).eval()
@@ -161,11 +170,12 @@ def export_component(
     )
 
 
-def write_tokenizer(models: LoadedModels, dest: Path) -> None:
+def write_tokenizer(models: LoadedModels, dest: Path, source: Path | None = None) -> None:
     dest.mkdir(parents=True, exist_ok=True)
-    if models.tokenizer_dir is not None:
+    source = models.tokenizer_dir if source is None else source
+    if source is not None:
         for name in ("vocab.json", "merges.txt"):
-            shutil.copy2(models.tokenizer_dir / name, dest / name)
+            shutil.copy2(source / name, dest / name)
     else:
         from sd_deploy.engine_dir.tokenizer_files import write_clip_tokenizer_files
 
@@ -192,6 +202,12 @@ def build_manifest(
     models: LoadedModels, components: dict[str, ComponentSpec], prov: dict[str, Any]
 ) -> Manifest:
     cfg = models.config
+    xl = cfg.text_encoder_2
+    conventions = dict(IO_CONVENTIONS)
+    if xl is None:
+        conventions.pop("text_encoder_2")
+    else:
+        conventions["unet"] = SDXL_UNET_CONVENTIONS
     return Manifest(
         model=ModelInfo(
             family=cfg.family,
@@ -199,11 +215,14 @@ def build_manifest(
             latent_channels=cfg.latent_channels,
             vae_scale_factor=cfg.vae_scale_factor,
             scaling_factor=cfg.vae.scaling_factor,
-            text_embed_dim=cfg.text_encoder.hidden_size,
+            text_embed_dim=cfg.unet.context_dim if xl else cfg.text_encoder.hidden_size,
             default_height=cfg.default_size,
             default_width=cfg.default_size,
             clip_skip_max=clip_skip_max(models),
             fixed_text_layer=cfg.fixed_text_layer,
+            pooled_embed_dim=xl.hidden_size if xl else 0,
+            time_ids=list(SDXL_TIME_IDS) if xl else [],
+            zero_negative_for_empty_prompt=xl is not None,
         ),
         tokenizer=TokenizerInfo(
             path="tokenizer",
@@ -212,10 +231,19 @@ def build_manifest(
             eos_token_id=49407,
             pad_token_id=cfg.pad_token_id,
         ),
+        tokenizer_2=None
+        if xl is None
+        else TokenizerInfo(
+            path=TOKENIZER_2_DIR,
+            max_length=xl.max_position_embeddings,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=cfg.pad_token_id_2,
+        ),
         scheduler=cfg.scheduler_config(),
         components=dict(sorted(components.items(), key=lambda kv: COMPONENTS.index(kv[0]))),
         provenance=prov,
-        io_conventions=IO_CONVENTIONS,
+        io_conventions=conventions,
     )
 
 
@@ -239,13 +267,13 @@ def export_engine_dir(
     LoRA switching needs (`exporter.lora_ready`).
     """
     out = Path(out)
-    names = resolve_components(components)
+    graphs = component_graphs(models)
+    names = resolve_components(components, tuple(graphs))
     ranges = shapes.check_ranges(ranges or shapes.default_ranges(models.config.default_size))
     prov = provenance(models, opset, validate)
     prov["loras"] = [dict(lora) for lora in loras]
     prov["lora_ready"] = lora_ready
     old = existing_manifest(out, model_identity(prov), force)
-    graphs = component_graphs(models)
     specs: dict[str, ComponentSpec] = {}
     with (
         staged_dir(out, error=ExportError) as stage,
@@ -262,6 +290,8 @@ def export_engine_dir(
                 models, graphs[name], stage, fp16, ranges, opset, validate, bar, lora_ready
             )
         write_tokenizer(models, stage / "tokenizer")
+        if models.text_encoder_2 is not None:
+            write_tokenizer(models, stage / TOKENIZER_2_DIR, models.tokenizer_2_dir)
         manifest = build_manifest(models, specs, prov)
         manifest.write(stage)
     return manifest

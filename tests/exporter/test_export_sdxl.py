@@ -1,0 +1,64 @@
+"""SDXL export (tiny-xl, fp16): five graphs validated against PyTorch, the VAE kept fp32, the
+manifest describing the extra UNet inputs, the second tokenizer and the zeroed negative."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sd_deploy.engine_dir.manifest import read_manifest
+from sd_deploy.errors import ExportError
+from sd_deploy.exporter import export_engine_dir, resolve_components
+from sd_deploy.models import load_models
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    models = load_models("tiny-xl", random_init=True, seed=3)
+    out = tmp_path_factory.mktemp("xl") / "engines"
+    export_engine_dir(models, out, fp16=True, progress=False)
+    return out
+
+
+def test_fp16_export_validates_every_sdxl_graph_and_keeps_the_vae_fp32(exported) -> None:
+    manifest = read_manifest(exported)
+    assert list(manifest.components) == [
+        "text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder"
+    ]  # fmt: skip
+    precision = {n: c.precision for n, c in manifest.components.items()}
+    assert precision == {
+        "text_encoder": "fp16", "text_encoder_2": "fp16", "unet": "fp16",
+        "vae_decoder": "fp32", "vae_encoder": "fp32",
+    }  # fmt: skip
+    for spec in manifest.components.values():
+        assert spec.validation["validated"], spec.name
+        assert spec.validation["max_rel_l2"] <= spec.validation["tolerance_rel_l2"]
+    unet = manifest.components["unet"]
+    inputs = {t.name: (t.dtype, t.shape) for t in unet.inputs}
+    assert inputs["encoder_hidden_states"] == ("float16", ["cfg_batch", "context_length", 96])
+    assert inputs["text_embeds"] == ("float16", ["cfg_batch", 64])
+    assert inputs["time_ids"] == ("float32", ["cfg_batch", 6])
+    assert unet.profile_shapes["time_ids"]["max"] == [8, 6]
+    outputs = [t.name for t in manifest.components["text_encoder_2"].outputs]
+    assert outputs == ["text_embeddings", "text_embeds"]
+
+
+def test_manifest_describes_the_sdxl_conditioning(exported) -> None:
+    data = json.loads((exported / "manifest.json").read_text())
+    assert data["schema_version"] == 1
+    model = data["model"]
+    assert model["family"] == "tiny-xl" and model["scaling_factor"] == 0.13025
+    assert model["text_embed_dim"] == 96 and model["pooled_embed_dim"] == 64
+    assert model["time_ids"][0] == "original_height" and len(model["time_ids"]) == 6
+    assert model["zero_negative_for_empty_prompt"] is True
+    assert data["tokenizer"]["pad_token_id"] == 49407
+    assert data["tokenizer_2"] == {**data["tokenizer"], "path": "tokenizer_2", "pad_token_id": 0}
+    assert (exported / "tokenizer_2" / "vocab.json").is_file()
+    assert "text_embeds" in data["io_conventions"]["unet"]
+
+
+def test_text_encoder_2_is_sdxl_only() -> None:
+    assert resolve_components(["all"], ("text_encoder", "unet")) == ["text_encoder", "unet"]
+    with pytest.raises(ExportError, match="SDXL's only"):
+        resolve_components(["text_encoder_2"], ("text_encoder", "unet"))
