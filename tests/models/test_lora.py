@@ -210,3 +210,39 @@ def test_formats_agree(tmp_path: Path) -> None:
     for other in results[1:]:
         for key, value in results[0].items():
             assert torch.equal(value, other[key]), key
+
+
+def test_sdxl_kohya_lora_merges_into_both_text_encoders(tmp_path: Path) -> None:
+    """kohya's SDXL files: sgm UNet names, lora_te1_ (CLIP-L) and lora_te2_ (OpenCLIP bigG)."""
+    from sd_deploy.models.checkpoints.layout import text_bare
+
+    m = build_random(get_preset("tiny-xl"), seed=1)
+    before = weights(m)
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    prefixes = {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
+    chosen = {}
+    for component, modules in lora_modules(m).items():
+        for target, module in list(modules.items())[::5]:
+            name = target.removesuffix(".weight")
+            if component != "unet":
+                name = "text_model." + text_bare(name)
+                name = name.replace("text_model.text_projection", "text_projection")
+            key = prefixes[component] + name.replace(".", "_")
+            w = module.weight
+            down = torch.randn(2, *w.shape[1:], generator=g)
+            up = torch.randn(w.shape[0], 2, *([1, 1] if w.ndim == 4 else []), generator=g)
+            tensors[f"{key}.lora_down.weight"], tensors[f"{key}.lora_up.weight"] = down, up
+            chosen[f"{component}.{target}"] = (down, up)
+    save_file(tensors, tmp_path / "xl.safetensors")
+    merge_loras(m, [LoraSpec(tmp_path / "xl.safetensors", 0.5)])
+    after = weights(m)
+    for key, (down, up) in chosen.items():
+        delta = 0.5 * (up.reshape(up.shape[0], -1) @ down.reshape(2, -1)).reshape(after[key].shape)
+        torch.testing.assert_close(after[key], before[key] + delta, rtol=0, atol=1e-5)
+    assert {k.split(".")[0] for k in chosen} == {"unet", "text_encoder", "text_encoder_2"}
+
+    # an SD 1.x-style LoRA on SDXL: its widths give it away
+    sd1 = write_lora(tmp_path / "sd1.safetensors", build_random(get_preset("tiny")), "kohya")
+    msg = expect("was made for", merge_loras, m, [LoraSpec(sd1, 1.0)])
+    assert "tiny-xl" in msg

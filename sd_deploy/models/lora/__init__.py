@@ -31,6 +31,7 @@ from sd_deploy.engine_dir.lora import (
     LoraSpec,
     TargetTable,
     addnet_hash,
+    flatten,
     lora_from_tensors,
     merged_deltas,
     parse_lora_arg,
@@ -79,8 +80,10 @@ class AppliedLora:
 def lora_modules(models: LoadedModels) -> dict[str, dict[str, nn.Linear | nn.Conv2d]]:
     """component -> {target weight key in the module's state dict: module}."""
     result: dict[str, dict[str, nn.Linear | nn.Conv2d]] = {}
-    for component in ("unet", "text_encoder"):
-        module = getattr(models, component)
+    for component in ("unet", "text_encoder", "text_encoder_2"):
+        module = getattr(models, component, None)
+        if module is None:
+            continue
         result[component] = {
             f"{name}.weight": child
             for name, child in module.named_modules()
@@ -98,16 +101,19 @@ def target_table(models: LoadedModels) -> TargetTable:
         text_width=config.text_encoder.hidden_size,
     )
     modules = lora_modules(models)
-    for target, module in modules["unet"].items():
-        name = target.removesuffix(".weight")
-        names = [name]
+    unet = modules["unet"]
+    for target, module in unet.items():  # ldm (sgm) names first: they are never ambiguous
+        table.add("unet", target, tuple(module.weight.shape), [target.removesuffix(".weight")])
+    for target in unet:
         theirs = unet_key_to_diffusers(target, config.unet.num_res_blocks)
-        if theirs is not None:
-            names.append(theirs.removesuffix(".weight"))
-        table.add("unet", target, tuple(module.weight.shape), names)
-    for target, module in modules["text_encoder"].items():
-        bare = text_bare(target.removesuffix(".weight"))
-        table.add("text_encoder", target, tuple(module.weight.shape), [bare, "text_model." + bare])
+        flat = None if theirs is None else flatten(theirs.removesuffix(".weight"))
+        if flat is not None and table.aliases["unet"].get(flat, target) == target:
+            table.aliases["unet"][flat] = target
+    for component in ("text_encoder", "text_encoder_2"):
+        for target, module in modules.get(component, {}).items():
+            bare = text_bare(target.removesuffix(".weight"))
+            shape = tuple(module.weight.shape)
+            table.add(component, target, shape, [bare, "text_model." + bare])
     return table
 
 
