@@ -44,8 +44,7 @@ def write_lora_file(path: Path, rank: int, preset: str) -> dict:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "models"))
     from lora_files import write_lora
 
-    from sd_deploy.models import get_preset
-    from sd_deploy.models.loading import LoadedModels
+    from sd_deploy.models import LoadedModels, get_preset
     from sd_deploy.models.text_encoder import TextEncoder
     from sd_deploy.models.unet import UNetModel
     from sd_deploy.models.vae import AutoencoderKL
