@@ -88,6 +88,17 @@ class PlanMetadata:
             for s in profile.values()
         ):
             raise ValueError("field 'profile' is missing or malformed")
+        if not isinstance(data.get("shape_ranges"), dict):
+            raise ValueError("field 'shape_ranges' is missing or not an object")
+        optional = {
+            "build_flags": (dict, "an object"),
+            "build_seconds": (int | float, "a number"),
+            "built_at": (str, "a string"),
+            "sd_deploy_version": (str, "a string"),
+        }
+        for name, (kind, what) in optional.items():
+            if name in data and not isinstance(data[name], kind):
+                raise ValueError(f"field {name!r} is not {what}")
         known = set(PlanMetadata.__dataclass_fields__)
         return PlanMetadata(**{k: v for k, v in data.items() if k in known})
 
