@@ -124,7 +124,9 @@ class _TorchReader(Reader):
                 f"{path} is not a PyTorch checkpoint (corrupted or not a weights file): "
                 f"{one_line(text.split('WeightsUnpickler error:')[-1])}"
             ) from e
-        except (RuntimeError, EOFError, OSError, ValueError) as e:
+        except MemoryError:
+            raise
+        except Exception as e:  # RuntimeError, EOFError, SafetensorError ...: a broken file
             raise CheckpointError(
                 f"{path} cannot be read as a PyTorch checkpoint (truncated or corrupted?): "
                 f"{one_line(e)}"
