@@ -9,8 +9,9 @@ tensor, casting fp16/bf16 as it goes. Loading a full-size fp16 SD 1.5 file peaks
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from sd_deploy.errors import CheckpointError
-from sd_deploy.models.checkpoints.messages import first_keys
+from sd_deploy.models.checkpoints.messages import first_keys, one_line
 from sd_deploy.models.checkpoints.readers import Reader
 from sd_deploy.models.loaded import build_modules
 from sd_deploy.models.presets import ModelConfig
@@ -73,9 +74,64 @@ class Component:
 
 
 def meta_modules(config: ModelConfig) -> dict[str, nn.Module]:
-    """The modules (three, four for SDXL) on the meta device: their keys and shapes, no memory."""
-    with torch.device("meta"):
-        return build_modules(config)
+    """The modules (three, four for SDXL) on the meta device: their keys and shapes, no memory.
+
+    The config may come from a file (safetensors metadata, diffusers config.json): sizes are
+    bounded first (a million layers would take hours to build, even on the meta device), and
+    a size combination the modules refuse is a CheckpointError, not a torch traceback."""
+    check_sizes(config)
+    try:
+        with torch.device("meta"):
+            return build_modules(config)
+    except MemoryError:
+        raise
+    except Exception as e:  # torch / transformers refusing the sizes (negative, indivisible)
+        raise CheckpointError(
+            f"the architecture the file describes cannot be built: {one_line(e)}"
+        ) from e
+
+
+MAX_SIZE = 1 << 17  # any channel count, width, vocabulary or position count
+MAX_COUNT = 64  # levels, blocks per level, layers, heads
+MAX_BLOCKS = 1024  # UNet levels x res blocks x transformer depth
+_COUNTS = ("channel_mult", "ch_mult", "num_res_blocks", "transformer_depth", "num_hidden_layers",
+           "num_heads", "num_attention_heads", "attention_resolutions")  # fmt: skip
+
+
+def check_sizes(config: ModelConfig) -> None:
+    """Refuse absurd sizes in a config read from a file, before any module is built."""
+    parts = {"unet": config.unet, "vae": config.vae, "text_encoder": config.text_encoder}
+    if getattr(config, "text_encoder_2", None) is not None:
+        parts["text_encoder_2"] = config.text_encoder_2
+    for part, cfg in parts.items():
+        for f in fields(cfg):
+            value = getattr(cfg, f.name)
+            values = value if isinstance(value, tuple | list) else (value,)
+            hi = MAX_COUNT if f.name in _COUNTS else MAX_SIZE
+            bad = len(values) > MAX_COUNT or any(
+                (isinstance(v, int) and not isinstance(v, bool) and not -1 <= v <= hi)
+                or (isinstance(v, float) and not math.isfinite(v))
+                for v in values
+            )
+            if bad:
+                raise CheckpointError(
+                    f"the file's {part} config has {f.name}={_shown(value)}: not a size this "
+                    f"loader builds (at most {hi})"
+                )
+    unet = config.unet
+    depth = unet.transformer_depth
+    deepest = max(depth) if isinstance(depth, tuple | list) and depth else depth
+    blocks = len(unet.channel_mult) * unet.num_res_blocks * max(deepest, 1)
+    if not isinstance(blocks, int) or blocks > MAX_BLOCKS:
+        raise CheckpointError(
+            f"the file's unet config has {blocks} blocks (levels x res blocks x transformer "
+            f"depth); at most {MAX_BLOCKS} are built"
+        )
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def expected_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:

@@ -181,6 +181,15 @@ def _text_config_from_diffusers(cfg: dict[str, Any], path: Path) -> TextEncoderC
     return TextEncoderConfig(**values)
 
 
+def _parsed(parse: Any, path: Path) -> Any:
+    """`parse` of the config file at `path`; a value of the wrong type or shape (a dict where
+    a list of channels belongs, fewer head counts than blocks, a zero width) is one line."""
+    try:
+        return parse(read_json(path), path)
+    except (TypeError, ValueError, IndexError, KeyError, AttributeError, ZeroDivisionError) as e:
+        raise CheckpointError(f"{path}: malformed config ({one_line(e)})") from e
+
+
 def _pad_token_id(tokenizer_dir: Path) -> int | None:
     """Id of the tokenizer's pad token (SD 2.x pads with "!", id 0), if the files say."""
     pad = None
@@ -210,11 +219,11 @@ def folder_config(
 ) -> tuple[ModelConfig, str]:
     """The folder's `ModelConfig` (a preset's when the architecture equals one), and how."""
     unet_path = folder / "unet" / "config.json"
-    unet = _unet_config_from_diffusers(read_json(unet_path), unet_path)
+    unet = _parsed(_unet_config_from_diffusers, unet_path)
     vae_path = folder / "vae" / "config.json"
-    vae = _vae_config_from_diffusers(read_json(vae_path), vae_path)
+    vae = _parsed(_vae_config_from_diffusers, vae_path)
     text_path = folder / "text_encoder" / "config.json"
-    text = _text_config_from_diffusers(read_json(text_path), text_path)
+    text = _parsed(_text_config_from_diffusers, text_path)
     scheduler_path = folder / "scheduler" / "scheduler_config.json"
     scheduler = read_json(scheduler_path) if scheduler_path.is_file() else {}
     file_prediction = normalize_prediction(scheduler.get("prediction_type"))
