@@ -58,7 +58,7 @@ from sd_deploy.engine_dir.tokenizer_files import (
     bytes_to_unicode,
     write_clip_tokenizer_files,
 )
-from sd_deploy.errors import EngineDirError
+from sd_deploy.errors import EngineDirError, RequestError
 
 log = logging.getLogger("sd_deploy")
 
@@ -178,7 +178,9 @@ class CLIPTokenizer:
         self.eos_token_id = self._encoder[EOS_TOKEN]
         self.pad_token_id = self.eos_token_id if pad_token_id is None else int(pad_token_id)
         if self.pad_token_id not in self._decoder:
-            raise ValueError(f"pad_token_id {self.pad_token_id} is not in the vocabulary")
+            raise EngineDirError(
+                f"{source}: pad_token_id {self.pad_token_id} is not in the vocabulary"
+            )
         # transformers registers BOS, EOS and the pad token as special "added tokens": their
         # literal text is split out of the raw prompt (case-sensitive, leftmost-longest) before
         # normalization. So with SD 2.x's pad token "!" (id 0) every "!" in a prompt becomes
@@ -268,6 +270,13 @@ class CLIPTokenizer:
         return tuple(enc[s] for s in syms)
 
     def _text_ids(self, text: str) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: a str, but not Unicode text
+            raise RequestError(
+                f"prompt is not valid Unicode text: character {e.start} is the lone surrogate "
+                f"{text[e.start]!r}"
+            ) from None
         ids: list[int] = []
         start = 0
         for m in self._special_re.finditer(text):

@@ -421,7 +421,7 @@ def test_missing_folder_and_bad_arguments(tok_dir: Path, tmp_path: Path) -> None
         CLIPTokenizer.from_dir(tmp_path / "absent")
     with pytest.raises(ValueError):
         CLIPTokenizer.from_dir(tok_dir, max_length=1)
-    with pytest.raises(ValueError):
+    with pytest.raises(EngineDirError, match="pad_token_id 49408"):  # the manifest's pad id
         CLIPTokenizer.from_dir(tok_dir, pad_token_id=49408)
 
 
