@@ -33,7 +33,7 @@ def load_init_image(path: str | Path) -> np.ndarray:
         raise RequestError(f"init image {path} does not exist") from None
     except IsADirectoryError:
         raise RequestError(f"init image {path} is a directory") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise RequestError(f"init image {path} is not a readable image ({exc})") from None
 
 
@@ -57,7 +57,8 @@ def read_png_parameters(path: str | Path) -> str:
         raise RequestError(f"image {path} does not exist") from None
     except IsADirectoryError:
         raise RequestError(f"image {path} is a directory") from None
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        # DecompressionBombError: the header claims billions of pixels
         raise RequestError(f"image {path} is not a readable image ({exc})") from None
     if not isinstance(text, str) or not text.strip():
         raise RequestError(f"image {path} has no generation parameters (no 'parameters' text)")

@@ -172,6 +172,11 @@ def format_infotext(prompt: str, negative_prompt: str, fields: Mapping[str, Any]
     return f"{prompt}{negative}\n{items}".strip()
 
 
+def _shown(value: str, limit: int = 60) -> str:
+    """A value from the image, quoted for a one-line message (shortened, newlines escaped)."""
+    return repr(value if len(value) <= limit else value[: limit - 3] + "...")
+
+
 def _unquote(value: str) -> str:
     if len(value) >= 2 and value[0] == '"' and value[-1] == '"':
         try:
@@ -198,7 +203,7 @@ class ParsedInfotext:
         try:
             return int(value)
         except ValueError:
-            raise RequestError(f"infotext {key} {value!r} is not an integer") from None
+            raise RequestError(f"infotext {key} {_shown(value)} is not an integer") from None
 
     def _float(self, key: str) -> float | None:
         value = self.params.get(key)
@@ -207,7 +212,7 @@ class ParsedInfotext:
         try:
             return float(value)
         except ValueError:
-            raise RequestError(f"infotext {key} {value!r} is not a number") from None
+            raise RequestError(f"infotext {key} {_shown(value)} is not a number") from None
 
     @property
     def steps(self) -> int | None:
@@ -241,7 +246,7 @@ class ParsedInfotext:
             return None
         m = _SIZE.match(value)
         if m is None:
-            raise RequestError(f"infotext Size {value!r} is not WIDTHxHEIGHT")
+            raise RequestError(f"infotext Size {_shown(value)} is not WIDTHxHEIGHT")
         return int(m.group(1)), int(m.group(2))
 
     @property
@@ -256,7 +261,7 @@ class ParsedInfotext:
             shown = display if schedule is None else f"{display} ({schedule})"
             known = ", ".join(SAMPLER_DISPLAY_NAMES.values())
             raise RequestError(
-                f"the image's sampler {shown!r} is not one sd-run has ({known}); "
+                f"the image's sampler {_shown(shown)} is not one sd-run has ({known}); "
                 "choose one with --sampler"
             )
         return name
