@@ -62,10 +62,13 @@ def feeds_for(spec, batch: int = 2, latent: int = 8) -> dict[str, np.ndarray]:
     result = {}
     for tensor in spec.inputs:
         shape = list(spec.profile_shapes[tensor.name]["opt"])
-        shape[0] = batch
+        if isinstance(tensor.shape[0], str):  # a batch axis (not clip_skip's fixed [1])
+            shape[0] = batch
         if len(shape) == 4:
             shape[2:] = [latent * 8 if shape[1] == 3 else latent] * 2
-        if tensor.dtype == "int32":
+        if tensor.name == "clip_skip":  # A1111's Clip skip 1: the last layer
+            result[tensor.name] = np.ones(shape, np.int32)
+        elif tensor.dtype == "int32":
             result[tensor.name] = rng.integers(0, 400, shape).astype(np.int32)
         elif tensor.name == "timestep":
             result[tensor.name] = np.full(shape, 500.0, np.float32)
