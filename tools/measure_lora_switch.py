@@ -68,8 +68,10 @@ def write_lora_file(path: Path, rank: int, preset: str) -> dict:
 
 
 def timed_export(out: Path, preset: str, size: int, *extra: str) -> float:
+    # this interpreter's sd_deploy (PYTHONPATH honoured), not whichever the console script finds
     cmd = [
-        "sd-export", "--model", preset, "--random-weights", "--height", str(size), "--width",
+        sys.executable, "-c", "from sd_deploy.cli import export_command; export_command()",
+        "--model", preset, "--random-weights", "--height", str(size), "--width",
         str(size), "--batch", "1", "--out", str(out), *extra,
     ]  # fmt: skip
     start = time.perf_counter()
