@@ -1,0 +1,30 @@
+"""Every input a fuzz run found a bug with, kept under regressions/<target>/, now passes the
+oracle: the reader succeeds or raises its one-line user error (tools/fuzz/engine.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tools.fuzz import engine
+from tools.fuzz.targets import TARGETS
+
+REGRESSIONS = Path(__file__).resolve().parent / "regressions"
+CASES = sorted(p for p in REGRESSIONS.glob("*/*") if p.is_file())
+
+
+def test_every_regression_names_a_target() -> None:
+    assert CASES, "no regression inputs"
+    assert {p.parent.name for p in CASES} <= set(TARGETS)
+
+
+@pytest.mark.parametrize("path", CASES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_regression_input_passes_the_oracle(path: Path, tmp_path: Path) -> None:
+    target = TARGETS[path.parent.name]
+    with engine.quieted():
+        engine.warm_up(target)  # imports and caches are not the input's time
+        finding = engine.check(target, path.read_bytes(), tmp_path)
+    assert finding is None, (
+        f"{finding.kind}: {finding.summary} at {finding.where}\n{finding.detail}"
+    )

@@ -1,0 +1,74 @@
+"""CI smoke run of every fuzz target: its seeds, then a fixed number of seeded mutants, through
+the oracle (success or a one-line UserError; no other exception, no time-out, no payload).
+
+The long, coverage-guided runs are `python -m tools.fuzz TARGET --seconds N` (tools/fuzz).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sd_deploy.errors import UserError
+from tools.fuzz import engine
+from tools.fuzz.targets import TARGETS, Target
+
+# Mutants per target: a few seconds each on a CI core (slower targets get fewer).
+ITERATIONS = {
+    "safetensors": 30,
+    "ckpt": 60,
+    "sniff": 200,
+    "diffusers": 15,
+    "manifest": 40,
+    "tokenizer": 80,
+    "plan": 200,
+    "prompts": 150,
+    "infotext": 150,
+    "lora": 80,
+    "triton": 80,
+}
+
+
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_fuzz_target_smoke(name: str) -> None:
+    target = TARGETS[name]
+    with engine.quieted():
+        stats = engine.fuzz_random(target, iterations=ITERATIONS.get(name, 50), seed=1)
+    found = [f"{f.kind}: {f.summary} at {f.where}\n{f.detail}" for f in stats.findings.values()]
+    assert not found, "\n".join(found)
+
+
+def _fake(run, allowed=lambda: (UserError,), time_limit: float = 1.0) -> Target:
+    return Target("fake", "", run, lambda: [b"x"], lambda d, r: d, (), allowed, time_limit)
+
+
+def test_oracle_flags_what_it_should(tmp_path: Path) -> None:
+    def raise_(exc: BaseException):
+        def run(data: bytes, work: Path) -> None:
+            raise exc
+
+        return run
+
+    def slow(data: bytes, work: Path) -> None:
+        while True:
+            pass
+
+    def payload(data: bytes, work: Path) -> None:
+        from tools.fuzz import targets
+
+        targets.payload_ran()
+
+    ok = engine.check(_fake(raise_(UserError("one line"))), b"", tmp_path)
+    assert ok is None
+    assert engine.check(_fake(lambda d, w: None), b"", tmp_path) is None
+    cases = {
+        "exception": _fake(raise_(KeyError("k"))),
+        "message": _fake(raise_(UserError("two\nlines"))),
+        "timeout": _fake(slow, time_limit=0.2),
+        "memory": _fake(raise_(MemoryError())),
+        "payload": _fake(payload),
+    }
+    for kind, target in cases.items():
+        finding = engine.check(target, b"", tmp_path)
+        assert finding is not None and finding.kind == kind, (kind, finding)
