@@ -9,8 +9,9 @@ Without --engine it exports the packaged default model (sd-export --out DIR) int
 temporary folder. Rounds interleave the configurations (local, c=1, c=4, c=8, then
 again) so a noisy shared machine hits all of them alike; the table reports the median
 over rounds and the min-max spread. The server and the local pipeline never exist at the
-same time: each round loads the local pipeline, measures it and closes it, then starts
-the server, measures it and stops it (the order alternating between rounds).
+same time: each round runs the local pipeline in a child process (its own session, as
+tritonserver has) and then starts the server, measures it and stops it (the order
+alternating between rounds).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -92,6 +95,14 @@ def run_clients(server, concurrency: int, requests: int, steps: int | None) -> d
     executions = after["execution_count"] - before["execution_count"]
     result["executions"] = executions
     result["inferences"] = after["inference_count"] - before["inference_count"]
+    # Time inside the model's execute, as Triton counts it per request (each request is
+    # charged the whole execution it was batched into): the rest of a request's latency is
+    # queueing plus HTTP and the stub's IPC.
+    compute = after["inference_stats"]["compute_infer"]["ns"]
+    compute -= before["inference_stats"]["compute_infer"]["ns"]
+    queue = after["inference_stats"]["queue"]["ns"] - before["inference_stats"]["queue"]["ns"]
+    result["compute_s_per_request"] = compute / 1e9 / requests
+    result["queue_s_per_request"] = queue / 1e9 / requests
     result["mean_batch"] = requests / executions if executions else float("nan")
     return result
 
@@ -109,10 +120,20 @@ def main() -> None:
         "--threads", type=int, default=None, help="runtime CPU threads, both sides [backend's]"
     )
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--local-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    from sd_deploy.runtime import BackendOptions, Pipeline
+
+    if args.local_child:
+        options = BackendOptions(threads=args.threads)
+        with Pipeline(args.engine, backend=args.backend, options=options) as pipe:
+            pipe.load_all()
+            run_local(pipe, 2, args.steps)  # warm-up
+            result = run_local(pipe, args.requests, args.steps)
+            print(json.dumps({**result, "backend": pipe.backend_name}))
+        return
 
     from sd_deploy.engine_dir import read_manifest
-    from sd_deploy.runtime import BackendOptions, Pipeline
     from sd_deploy.serving import RepositoryConfig, write_model_repository
     from sd_deploy.serving.server import TritonServer
 
@@ -145,18 +166,25 @@ def main() -> None:
     backend_name = ""
 
     def local_side(r: int) -> None:
+        # In a child process of its own session, as tritonserver is: with the kernel's
+        # autogroup scheduling each session is a group with its own CPU share, and the two
+        # sides should compete with the other tenants on the same terms.
         nonlocal backend_name
-        options = BackendOptions(threads=args.threads)
-        with Pipeline(engine, backend=args.backend, options=options) as pipe:
-            pipe.load_all()
-            backend_name = pipe.backend_name
-            run_local(pipe, 2, args.steps)  # warm-up
-            rounds["local"].append(run_local(pipe, args.requests, args.steps))
-        print(f"round {r + 1} local " + json.dumps(rounds["local"][-1]), flush=True)
+        command = [sys.executable, __file__, "--local-child", "--engine", str(engine)]
+        command += ["--requests", str(args.requests), "--backend", args.backend]
+        command += ["--steps", str(args.steps)] if args.steps else []
+        command += ["--threads", str(args.threads)] if args.threads else []
+        out = subprocess.run(
+            command, capture_output=True, text=True, check=True, start_new_session=True
+        ).stdout
+        result = json.loads(out.strip().splitlines()[-1])
+        backend_name = result.pop("backend")
+        rounds["local"].append(result)
+        print(f"round {r + 1} local " + json.dumps(result), flush=True)
 
     def server_side(r: int) -> None:
         with server:
-            run_clients(server, 2, 4, args.steps)  # warm-up
+            run_clients(server, 8, 16, args.steps)  # warm-up: first calls, every batch shape
             for config in configs[1:]:
                 result = run_clients(server, int(config[1:]), args.requests, args.steps)
                 rounds[config].append(result)
@@ -187,8 +215,8 @@ def main() -> None:
     }
     lines = [
         "| configuration | images/s (median, min-max) | p50 latency s | p90 latency s | "
-        f"executions per {args.requests} requests |",
-        "|---|---|---|---|---|",
+        f"executions per {args.requests} requests | server compute s per request |",
+        "|---|---|---|---|---|---|",
     ]
     names = {
         "local": "local, sequential",
@@ -206,6 +234,12 @@ def main() -> None:
             f"| {names[config]} | {statistics.median(ips):.2f} ({min(ips):.2f}-{max(ips):.2f}) "
             f"| {p50:.3f} | {p90:.3f} | "
             + (f"{statistics.median(execs):.0f}" if execs else "-")
+            + " | "
+            + (
+                f"{statistics.median(x['compute_s_per_request'] for x in runs):.3f}"
+                if execs
+                else "-"
+            )
             + " |"
         )
     table = "\n".join(lines)
