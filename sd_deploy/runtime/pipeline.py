@@ -57,11 +57,12 @@ class _Row:
     negative_prompt: str
     seed: int
     init_image: np.ndarray | None
+    time_ids: tuple[float, ...] = ()  # SDXL's size conditioning
 
 
 def _rows(requests: Sequence[ResolvedRequest]) -> list[_Row]:
     return [
-        _Row(r.prompt, r.negative_prompt, r.seed + i, r.init_image)
+        _Row(r.prompt, r.negative_prompt, r.seed + i, r.init_image, r.time_ids)
         for r in requests
         for i in range(r.batch)
     ]
@@ -102,6 +103,9 @@ class Pipeline:
         unet = self.manifest.components.get("unet")
         # Prompt chunks the UNet's context takes (1 for engine dirs from before long prompts).
         self.max_prompt_chunks = 1 if unet is None else shapes.max_context_chunks(unet.shape_ranges)
+        # SDXL: two text towers (text_encoder_2 padded as tokenizer_2 says; both use the same
+        # CLIP BPE files), a pooled embedding and size conditioning into the UNet.
+        self.sdxl = self.manifest.model.pooled_embed_dim > 0
         text = self.manifest.components.get("text_encoder")
         self._has_clip_skip = text is not None and any(i.name == "clip_skip" for i in text.inputs)
         prov = self.manifest.provenance
@@ -253,6 +257,7 @@ class Pipeline:
         prompt, tags = extract_lora_tags(request.prompt)
         loras = resolve_request_loras(request.loras, tags, self.lora_dirs, self._merged_loras)
         self.lora.check(loras)  # a bad LoRA fails here, before any work
+        time_ids = self._time_ids(request, int(height), int(width)) if self.sdxl else ()
         return ResolvedRequest(
             prompt=prompt,
             negative_prompt=request.negative_prompt,
@@ -268,7 +273,27 @@ class Pipeline:
             clip_skip=clip_skip,
             emphasis=bool(request.emphasis),
             loras=tuple((str(spec.path), spec.scale) for spec in loras),
+            time_ids=time_ids,
         )
+
+    @staticmethod
+    def _time_ids(request: GenerationRequest, height: int, width: int) -> tuple[float, ...]:
+        """SDXL's time_ids row: original size, crop top-left, target size (diffusers'
+        defaults: the image size and (0, 0))."""
+        values: list[float] = []
+        for what, pair in (
+            ("original_size", request.original_size or (height, width)),
+            ("crop_top_left", request.crop_top_left),
+            ("target_size", request.target_size or (height, width)),
+        ):
+            if (
+                not isinstance(pair, tuple | list)
+                or len(pair) != 2
+                or not all(_is_int(v) and 0 <= v <= 16384 for v in pair)
+            ):
+                raise RequestError(f"{what} must be two integers (height, width), got {pair!r}")
+            values.extend(float(v) for v in pair)
+        return tuple(values)
 
     def _check_clip_skip(self, clip_skip: object) -> int:
         """A1111's Clip skip: 1 (last layer) .. the text encoder's layers; SD 2.x ignores it."""
@@ -303,7 +328,7 @@ class Pipeline:
         self, batch: int, height: int, width: int, guided: bool, init: np.ndarray | None
     ) -> None:
         """Refuse a batch or size outside what the engine dir (and the backend) can run."""
-        needed = needed_components(init is not None)
+        needed = needed_components(init is not None, self.sdxl)
         for name in needed:
             if name not in self.manifest.components:
                 raise RequestError(
@@ -371,7 +396,7 @@ class Pipeline:
     ) -> list[list[int]]:
         """Split a group of compatible requests into batches the engines can take whole."""
         first = group[0]
-        needed = needed_components(first.init_image is not None)
+        needed = needed_components(first.init_image is not None, self.sdxl)
         limit = shapes.request_ranges(self.manifest, needed).batch.max
         while limit > 1:  # a backend's own limit (a TensorRT profile) may be lower
             try:
@@ -451,7 +476,7 @@ class Pipeline:
             (x["name"], float(x["scale"]), x.get("short_hash", "")) for x in self._merged_loras
         )
         loras += tuple((a.name, a.scale, a.short_hash) for a in applied)
-        context = self._context(common, rows, guided, timings)
+        context, unet_extra = self._context(common, rows, guided, timings)
 
         scheduler = make_scheduler(common.sampler, self.manifest.scheduler)
         if common.strength is None:
@@ -489,6 +514,7 @@ class Pipeline:
                     "sample": model_in,
                     "timestep": np.full(model_in.shape[0], t, np.float32),
                     "encoder_hidden_states": context,
+                    **unet_extra,
                 },
             )["model_output"].astype(np.float32)
             if guided:
@@ -547,9 +573,12 @@ class Pipeline:
         rows: Sequence[_Row],
         guided: bool,
         timings: dict[str, float],
-    ) -> np.ndarray:
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The UNet's context [(2 x) rows, 77 x chunks, dim]: negatives first when guided,
-        each chunk through the text encoder, weighted, concatenated along the sequence."""
+        each chunk through the text encoder, weighted, concatenated along the sequence; and
+        the UNet's other inputs (SDXL: text_embeds and time_ids, `_sdxl_context`)."""
+        if self.sdxl:
+            return self._sdxl_context(common, rows, guided, timings)
         encoder = self.prompt_encoder(common.emphasis)
         chunked = encoder.rows(
             [row.prompt for row in rows],
@@ -566,4 +595,51 @@ class Pipeline:
             feeds = {"input_ids": ids, **extra}
             return self._run("text_encoder", timings, last, feeds)["text_embeddings"]
 
-        return encode_chunks(chunked, encode, emphasis=common.emphasis)
+        return encode_chunks(chunked, encode, emphasis=common.emphasis), {}
+
+    def _sdxl_context(
+        self,
+        common: ResolvedRequest,
+        rows: Sequence[_Row],
+        guided: bool,
+        timings: dict[str, float],
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """SDXL: each chunk through both towers, their hidden states concatenated on the last
+        axis (then weighted as one context, as A1111); `text_embeds` is the second tower's
+        pooled embedding of each row's first chunk. With `zero_negative_for_empty_prompt` an
+        empty negative prompt conditions on zeros, context and pooled (sgm / diffusers'
+        force_zeros_for_empty_prompt). time_ids: one row per image, the same for its
+        negative."""
+        encoder = self.prompt_encoder(common.emphasis)
+        negatives = [row.negative_prompt for row in rows] if guided else None
+        chunked = encoder.rows([row.prompt for row in rows], negatives)
+        count = chunked[0].num_chunks
+        calls = iter(range(count))
+        tok_2 = self.manifest.tokenizer_2
+        pad_2 = tok_2.pad_token_id if tok_2 is not None else 0
+        eos = self.tokenizer.eos_token_id
+        pooled: list[np.ndarray] = []
+
+        def encode(ids: np.ndarray) -> np.ndarray:
+            last = next(calls) == count - 1
+            first = self._run("text_encoder", timings, last, {"input_ids": ids})
+            ids_2 = ids.copy()  # OpenCLIP pads after the first EOS with its own pad id
+            first_eos = np.argmax(ids == eos, axis=1)
+            ids_2[np.arange(ids.shape[1])[None, :] > first_eos[:, None]] = pad_2
+            second = self._run("text_encoder_2", timings, last, {"input_ids": ids_2})
+            if not pooled:
+                pooled.append(second["text_embeds"].astype(np.float32))
+            hidden = [first["text_embeddings"], second["text_embeddings"]]
+            return np.concatenate([h.astype(np.float32) for h in hidden], axis=-1)
+
+        context = encode_chunks(chunked, encode, emphasis=common.emphasis)
+        text_embeds = pooled[0]
+        if guided and self.manifest.model.zero_negative_for_empty_prompt:
+            n = len(rows)
+            empty = np.array([row.negative_prompt == "" for row in rows])
+            context[:n][empty] = 0.0
+            text_embeds[:n][empty] = 0.0
+        time_ids = np.array([row.time_ids for row in rows], np.float32)
+        if guided:
+            time_ids = np.concatenate([time_ids, time_ids])
+        return context, {"text_embeds": text_embeds, "time_ids": time_ids}

@@ -69,6 +69,12 @@ class GenerationRequest:
     # LoRAs applied at run time (engine dirs exported with --lora-ready): each a
     # "FILE[:SCALE]" string or a (file, scale) pair; `<lora:name:scale>` in the prompt too.
     loras: Sequence[Any] = ()
+    # SDXL size conditioning (time_ids), (height, width) pixels, as diffusers'
+    # original_size / crops_coords_top_left / target_size: None = the image size, crop (0, 0).
+    # Other families ignore them.
+    original_size: tuple[int, int] | None = None
+    crop_top_left: tuple[int, int] = (0, 0)
+    target_size: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,8 @@ class ResolvedRequest:
     emphasis: bool = True
     # (file, scale) of each run-time LoRA, prompt tags included (the prompt keeps no tags)
     loras: tuple[tuple[str, float], ...] = ()
+    # SDXL: the UNet's time_ids row (original h, w, crop top, left, target h, w); () otherwise.
+    time_ids: tuple[float, ...] = ()
 
     @property
     def guided(self) -> bool:
