@@ -313,6 +313,30 @@ def _sampler_help() -> str:
     "--no-emphasis", is_flag=True, help="Read brackets and BREAK as plain text (no weights)."
 )
 @click.option(
+    "--original-size",
+    type=int,
+    nargs=2,
+    default=None,
+    metavar="H W",
+    help="SDXL size conditioning: the original image size [the image size].",
+)
+@click.option(
+    "--crop-top-left",
+    type=int,
+    nargs=2,
+    default=None,
+    metavar="TOP LEFT",
+    help="SDXL size conditioning: crop coordinates [0 0].",
+)
+@click.option(
+    "--target-size",
+    type=int,
+    nargs=2,
+    default=None,
+    metavar="H W",
+    help="SDXL size conditioning: the target size [the image size].",
+)
+@click.option(
     "--from-png",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
@@ -409,6 +433,9 @@ def run_command(
     sampler: str | None,
     clip_skip: int | None,
     no_emphasis: bool,
+    original_size: tuple[int, int] | None,
+    crop_top_left: tuple[int, int] | None,
+    target_size: tuple[int, int] | None,
     from_png: Path | None,
     seed: int | None,
     width: int | None,
@@ -509,6 +536,9 @@ def run_command(
         strength=strength,
         clip_skip=clip_skip,
         emphasis=not no_emphasis,
+        original_size=tuple(original_size) if original_size else None,  # type: ignore[arg-type]
+        crop_top_left=tuple(crop_top_left) if crop_top_left else (0, 0),  # type: ignore[arg-type]
+        target_size=tuple(target_size) if target_size else None,  # type: ignore[arg-type]
     )
     resolved = pipe.validate(request)  # refuse a bad request before any output
     request.seed = resolved.seed  # a random seed drawn once: the files are named after it
@@ -738,9 +768,9 @@ def triton_group() -> None:
 @click.option(
     "--max-batch",
     type=click.IntRange(min=0),
-    default=4,
-    show_default=True,
-    help="max_batch_size; > 0 turns dynamic batching on, 0 means unbatched I/O.",
+    default=None,
+    help="max_batch_size; > 0 turns dynamic batching on, 0 means unbatched I/O "
+    "[the engine dir's batch range max: the most images one generation takes].",
 )
 @click.option(
     "--instances",
@@ -784,7 +814,7 @@ def triton_export_command(
     engine_dir: Path,
     out: Path,
     name: str,
-    max_batch: int,
+    max_batch: int | None,
     instances: int,
     kind: str,
     backend: str,
@@ -808,6 +838,8 @@ def triton_export_command(
         max_prompt_chars=max_prompt_chars,
     )
     model_dir = write_model_repository(engine_dir, out, config, force=force)
+    text = (model_dir / "config.pbtxt").read_text()
+    max_batch = int(text.split("max_batch_size: ", 1)[1].split()[0])
     click.echo(
         f"{model_dir}: model {name}, max_batch_size {max_batch}, "
         f"{instances} x KIND_{resolve_kind(kind).upper()}, engine dir {engine_dir.resolve()}"

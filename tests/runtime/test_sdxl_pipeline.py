@@ -120,3 +120,19 @@ def test_sdxl_time_ids_and_zeroed_negative_reach_the_unet(setup, monkeypatch) ->
     assert feeds["encoder_hidden_states"].shape == (2, 77, 96)
     with pytest.raises(RequestError, match="original_size"):
         pipe.validate(GenerationRequest(prompt="x", original_size=(1024,)))  # type: ignore[arg-type]
+
+
+def test_sd_run_takes_the_sdxl_size_flags(setup, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from sd_deploy.cli import run_command
+
+    _, engine_dir = setup
+    base = ["--engine", engine_dir, "--prompt", "x", "--steps", "1", "--quiet", "--out", tmp_path]
+    args = [*base, "--original-size", "256", "192", "--crop-top-left", "4", "8"]
+    result = CliRunner().invoke(run_command, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert len(list(tmp_path.glob("*.png"))) == 1
+    bad = [*base, "--target-size", "-1", "5"]
+    result = CliRunner().invoke(run_command, [str(a) for a in bad])
+    assert result.exit_code != 0 and "target_size must be two integers" in result.output
