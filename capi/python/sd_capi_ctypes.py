@@ -73,10 +73,11 @@ def load(build_dir: str | Path) -> ctypes.CDLL:
 class CPipeline:
     """An sd_pipeline* with the few calls the tests make."""
 
-    def __init__(self, lib: ctypes.CDLL, engine_dir: str | Path) -> None:
+    def __init__(self, lib: ctypes.CDLL, engine_dir: str | Path, backend: str | None = None):
         self.lib = lib
         self.handle = ctypes.c_void_p()
-        status = lib.sd_pipeline_create(str(engine_dir).encode(), None, ctypes.byref(self.handle))
+        name = backend.encode() if backend else None
+        status = lib.sd_pipeline_create(str(engine_dir).encode(), name, ctypes.byref(self.handle))
         if status != 0:
             raise RuntimeError(f"sd_pipeline_create: {status} {self.last_error()}")
 
