@@ -114,7 +114,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=16, help="per configuration and round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=None, help="[engine default]")
-    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument(
+        "--max-batch", type=int, default=None, help="[the engine dir's batch range max]"
+    )
     parser.add_argument("--backend", default="auto", help="runtime backend, both sides")
     parser.add_argument(
         "--threads", type=int, default=None, help="runtime CPU threads, both sides [backend's]"

@@ -20,13 +20,15 @@ batching is on.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from sd_deploy.engine_dir import MANIFEST_NAME, read_manifest
+from sd_deploy.engine_dir import MANIFEST_NAME, REQUIRED_COMPONENTS, read_manifest
 from sd_deploy.engine_dir.atomic import staged_dir
 from sd_deploy.engine_dir.hashing import sha256_file
+from sd_deploy.engine_dir.shapes import request_ranges
 from sd_deploy.errors import UserError
 
 # name, Triton type, required
@@ -59,7 +61,9 @@ class RepositoryConfig:
     """What `sd-triton export` writes into config.pbtxt."""
 
     name: str = "sd"
-    max_batch: int = 4
+    # None: the engine dir's batch range max (the most images one generation takes;
+    # a larger max_batch_size makes generate_many split an execution into batches).
+    max_batch: int | None = None
     instances: int = 1
     kind: str = "auto"
     backend: str = "auto"
@@ -84,7 +88,8 @@ def _string(value: str) -> str:
 
 
 def render_config(engine_dir: Path, manifest_sha256: str, config: RepositoryConfig) -> str:
-    """config.pbtxt text (protobuf text format)."""
+    """config.pbtxt text (protobuf text format); `config.max_batch` must be resolved."""
+    assert config.max_batch is not None
     batched = config.max_batch > 0
     inputs = ",\n".join(
         f"  {{ name: {_string(name)} data_type: {dtype} dims: [ 1 ]"
@@ -137,14 +142,17 @@ def write_model_repository(
     config = config or RepositoryConfig()
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", config.name) or config.name.startswith("."):
         raise UserError(f"model name {config.name!r}: use letters, digits, '_', '-', '.'")
-    if config.max_batch < 0:
+    if config.max_batch is not None and config.max_batch < 0:
         raise UserError(f"--max-batch must be >= 0, got {config.max_batch}")
     if config.instances < 1:
         raise UserError(f"--instances must be >= 1, got {config.instances}")
     if config.threads is not None and config.threads < 1:
         raise UserError(f"--threads must be >= 1, got {config.threads}")
     engine_dir = Path(engine_dir).resolve()
-    read_manifest(engine_dir)  # one-line EngineDirError for a missing or broken engine dir
+    manifest = read_manifest(engine_dir)  # one-line EngineDirError for a broken engine dir
+    if config.max_batch is None:
+        batch_max = request_ranges(manifest, REQUIRED_COMPONENTS).batch.max
+        config = dataclasses.replace(config, max_batch=batch_max)
     digest = sha256_file(engine_dir / MANIFEST_NAME)
     model_dir = Path(out) / config.name
     if model_dir.exists() and not force:

@@ -62,7 +62,7 @@ def repository(tmp_path_factory, default_engine) -> Path:
 
     out = tmp_path_factory.mktemp("repo")
     write_model_repository(
-        default_engine, out, RepositoryConfig(name="sd", max_batch=8, kind="cpu", backend=BACKEND)
+        default_engine, out, RepositoryConfig(name="sd", kind="cpu", backend=BACKEND)
     )
     # max_batch_size 0: tensors without the batch dimension, every request alone.
     write_model_repository(

@@ -51,6 +51,16 @@ def test_repository_layout_and_config(tiny_engine_fp32, tmp_path):
     assert not list((tmp_path / "repo").glob(".*"))  # no staging leftovers
 
 
+def test_max_batch_defaults_to_the_engine_dirs_batch_range(tiny_engine_fp32, tmp_path):
+    from sd_deploy.engine_dir import read_manifest
+    from sd_deploy.engine_dir.shapes import request_ranges
+
+    manifest = read_manifest(tiny_engine_fp32)
+    batch_max = request_ranges(manifest, ("text_encoder", "unet", "vae_decoder")).batch.max
+    model = write_model_repository(tiny_engine_fp32, tmp_path / "repo")
+    assert f"max_batch_size: {batch_max}\n" in (model / "config.pbtxt").read_text()
+
+
 def test_unbatched_gpu_config(tiny_engine_fp32):
     text = render_config(tiny_engine_fp32, "0" * 64, RepositoryConfig(max_batch=0, kind="gpu"))
     assert "max_batch_size: 0" in text and "dynamic_batching" not in text
