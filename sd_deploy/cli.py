@@ -313,6 +313,30 @@ def _sampler_help() -> str:
     "--no-emphasis", is_flag=True, help="Read brackets and BREAK as plain text (no weights)."
 )
 @click.option(
+    "--original-size",
+    type=int,
+    nargs=2,
+    default=None,
+    metavar="H W",
+    help="SDXL size conditioning: the original image size [the image size].",
+)
+@click.option(
+    "--crop-top-left",
+    type=int,
+    nargs=2,
+    default=None,
+    metavar="TOP LEFT",
+    help="SDXL size conditioning: crop coordinates [0 0].",
+)
+@click.option(
+    "--target-size",
+    type=int,
+    nargs=2,
+    default=None,
+    metavar="H W",
+    help="SDXL size conditioning: the target size [the image size].",
+)
+@click.option(
     "--from-png",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
@@ -409,6 +433,9 @@ def run_command(
     sampler: str | None,
     clip_skip: int | None,
     no_emphasis: bool,
+    original_size: tuple[int, int] | None,
+    crop_top_left: tuple[int, int] | None,
+    target_size: tuple[int, int] | None,
     from_png: Path | None,
     seed: int | None,
     width: int | None,
@@ -509,6 +536,9 @@ def run_command(
         strength=strength,
         clip_skip=clip_skip,
         emphasis=not no_emphasis,
+        original_size=tuple(original_size) if original_size else None,  # type: ignore[arg-type]
+        crop_top_left=tuple(crop_top_left) if crop_top_left else (0, 0),  # type: ignore[arg-type]
+        target_size=tuple(target_size) if target_size else None,  # type: ignore[arg-type]
     )
     resolved = pipe.validate(request)  # refuse a bad request before any output
     request.seed = resolved.seed  # a random seed drawn once: the files are named after it
