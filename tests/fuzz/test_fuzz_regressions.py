@@ -3,6 +3,8 @@ oracle: the reader succeeds or raises its one-line user error (tools/fuzz/engine
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,3 +30,17 @@ def test_regression_input_passes_the_oracle(path: Path, tmp_path: Path) -> None:
     assert finding is None, (
         f"{finding.kind}: {finding.summary} at {finding.where}\n{finding.detail}"
     )
+
+
+# Inputs whose bug was an allocation: replayed in a subprocess whose address space is capped
+# (3 GiB above what it uses after set-up), where the allocation is a MemoryError finding.
+MEMORY_CASES = [p for p in CASES if "claims" in p.name]
+
+
+@pytest.mark.parametrize("target", sorted({p.parent.name for p in MEMORY_CASES}))
+def test_memory_regressions_under_an_address_space_cap(target: str) -> None:
+    files = [str(p) for p in MEMORY_CASES if p.parent.name == target]
+    root = Path(__file__).resolve().parents[2]
+    cmd = [sys.executable, "-m", "tools.fuzz", target, "--replay", *files]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -110,7 +110,7 @@ def _emit(summary: dict, report: Path | None) -> dict:
     return summary
 
 
-def replay(name: str, files: list[Path]) -> int:
+def replay(name: str, files: list[Path], limit: bool = True) -> int:
     import tempfile
 
     from tools.fuzz import engine
@@ -118,6 +118,8 @@ def replay(name: str, files: list[Path]) -> int:
     target = _targets()[name]
     engine.quiet()
     engine.warm_up(target)
+    if limit:
+        engine.limit_memory()
     work = Path(tempfile.mkdtemp(prefix="sd-fuzz-replay-"))
     bad = 0
     for path in files:
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         if name not in targets:
             parser.error(f"unknown target {name!r}; one of {', '.join(targets)}")
     if args.replay:
-        return replay(names[0], args.replay)
+        return replay(names[0], args.replay, not args.no_memory_limit)
     if args.child:
         from tools.fuzz import engine
 

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import io
+import os
 import re
 import struct
 from pathlib import Path
@@ -108,8 +110,9 @@ class _TorchReader(Reader):
         import pickle
 
         path = self.path
+        source: Any = path if self._mmap else _BoundedFile(path)
         try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=self._mmap)
+            obj = torch.load(source, map_location="cpu", weights_only=True, mmap=self._mmap)
         except pickle.UnpicklingError as e:
             text = str(e)
             found = re.search(r"GLOBAL ([\w.]+)", text)
@@ -131,6 +134,9 @@ class _TorchReader(Reader):
                 f"{path} cannot be read as a PyTorch checkpoint (truncated or corrupted?): "
                 f"{one_line(e)}"
             ) from e
+        finally:
+            if source is not path:
+                source.close()
         extras: dict[str, Any] = {}
         while isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
             extras.update({k: v for k, v in obj.items() if k != "state_dict"})
@@ -154,6 +160,20 @@ class _TorchReader(Reader):
 
     def close(self) -> None:
         self._tensors = {}
+
+
+class _BoundedFile(io.FileIO):
+    """A file whose read(n) asks for at most what is left in it: a legacy pickle of 15 bytes
+    claiming a 4 GB string must not make Python allocate 4 GB before it finds the end."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, "rb")
+        self._size = os.fstat(self.fileno()).st_size
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is not None and size >= 0:
+            size = min(size, max(self._size - self.tell(), 0))
+        return super().read(size)  # type: ignore[return-value]
 
 
 class MultiReader(Reader):
