@@ -60,6 +60,8 @@ def normalize_prediction(value: str | None) -> str | None:
     """Prediction type as presets spell it ("v" and "eps" are common in metadata)."""
     if value is None:
         return None
+    if not isinstance(value, str):  # a config file's list or number: refused by the caller
+        return repr(value)
     value = value.strip().lower()
     return {"v": "v_prediction", "v-prediction": "v_prediction", "eps": "epsilon"}.get(value, value)
 
