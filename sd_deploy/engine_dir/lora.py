@@ -105,9 +105,10 @@ class LoraLayer:
 
     def delta(self, shape: tuple[int, ...], user_scale: float) -> np.ndarray:
         """`scale * up @ down` shaped like the target weight, float32."""
-        down = self.down.astype(np.float32).reshape(self.rank, -1)
-        up = self.up.astype(np.float32).reshape(self.up.shape[0], -1)
-        product = (up @ down) * np.float32(self.scale(user_scale))
+        down = np.asarray(self.down, dtype=np.float32).reshape(self.rank, -1)
+        up = np.asarray(self.up, dtype=np.float32).reshape(self.up.shape[0], -1)
+        product = up @ down
+        product *= np.float32(self.scale(user_scale))
         return product.reshape(shape)
 
     def shape_problem(self, shape: tuple[int, ...]) -> str | None:

@@ -111,14 +111,17 @@ class ComponentTargets:
 
     def patched(self, deltas: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """initializer name -> base + delta, in the initializer's layout and dtype."""
-        result = {}
-        for target, delta in deltas.items():
-            record = self.targets[target]
-            base = self.base(target)
-            update = delta.T if record["transpose"] else delta
-            merged = base.astype(np.float32) + update.reshape(base.shape).astype(np.float32)
-            result[record["initializer"]] = np.ascontiguousarray(merged.astype(base.dtype))
-        return result
+        return dict(self.patch(target, delta) for target, delta in deltas.items())
+
+    def patch(self, target: str, delta: np.ndarray) -> tuple[str, np.ndarray]:
+        """(initializer name, base + delta) for one target, float32 sum cast to its dtype."""
+        record = self.targets[target]
+        base = self.base(target)
+        update = (delta.T if record["transpose"] else delta).reshape(base.shape)
+        if base.dtype == np.float32:
+            return record["initializer"], np.add(base, update, dtype=np.float32)
+        merged = np.add(base.astype(np.float32), update, dtype=np.float32)
+        return record["initializer"], merged.astype(base.dtype)
 
 
 class LoraLibrary:
@@ -185,13 +188,18 @@ class LoraLibrary:
     def patches(self, resolved: Iterable[ResolvedLayer]) -> dict[str, dict[str, np.ndarray]]:
         """component -> {initializer name: patched array} for the touched initializers."""
         table = self.table()
-        deltas: dict[str, dict[str, np.ndarray]] = {}
+        layers: dict[tuple[str, str], list[ResolvedLayer]] = {}
         for r in resolved:
-            shape = table.shapes[r.component][r.target]
-            delta = r.layer.delta(shape, r.user_scale)
-            per = deltas.setdefault(r.component, {})
-            per[r.target] = per[r.target] + delta if r.target in per else delta
-        return {c: self.components[c].patched(d) for c, d in deltas.items()}
+            layers.setdefault((r.component, r.target), []).append(r)
+        result: dict[str, dict[str, np.ndarray]] = {}
+        for (component, target), group in layers.items():  # one target's delta at a time
+            shape = table.shapes[component][target]
+            delta = group[0].layer.delta(shape, group[0].user_scale)
+            for r in group[1:]:
+                delta += r.layer.delta(shape, r.user_scale)
+            name, array = self.components[component].patch(target, delta)
+            result.setdefault(component, {})[name] = array
+        return result
 
 
 class LoraSessionCache:
