@@ -292,6 +292,16 @@ class RefitState:
     def __init__(self) -> None:
         self.key: LoraSetKey = ()
         self.touched: set[str] = set()
+        self.session: Any = None  # the session whose engine holds that set
+
+    def follow(self, session: Any) -> None:
+        """A session loaded anew (keep_loaded=False reloads) holds the base weights."""
+        if session is not self.session:
+            self.key, self.touched, self.session = (), set(), session
+
+    @property
+    def open(self) -> bool:
+        return self.session is not None and getattr(self.session, "engine", True) is not None
 
     def plan(
         self,
@@ -431,21 +441,21 @@ class PipelineLoras:
                 continue
             state = self._refit.setdefault(name, RefitState())
             wanted = patches.get(name, {})
+            session = self.base_session(name)
+            state.follow(session)
             if state.key == self.key and state.touched == set(wanted):
                 continue
-            session = self.base_session(name)
             weights = state.plan(self.key, wanted, targets.initializer)
             self.backend.refit(session, weights, targets.initializer)
             state.done(self.key, wanted)
 
     def _restore_refits(self) -> None:
         for name, state in self._refit.items():
-            if state.touched:
+            if state.touched and state.open:  # a closed engine is reloaded with base weights
                 targets = self.library.components[name]
-                session = self.base_session(name)
                 weights = state.plan((), {}, targets.initializer)
-                self.backend.refit(session, weights, targets.initializer)
-                state.done((), {})
+                self.backend.refit(state.session, weights, targets.initializer)
+            state.done((), {})
 
     def close(self) -> None:
         self.cache.clear()

@@ -214,3 +214,39 @@ def test_refit_backends_get_the_same_weights_and_base_back(dirs) -> None:
     for component in weights:
         for name, array in weights[component].items():
             assert array.tobytes() == base[component][name].tobytes(), name
+
+
+def test_refit_after_a_reload_starts_from_base(dirs) -> None:
+    """keep_loaded=False reloads engines (with base weights) between generations: the
+    refit state follows the session, and a closed engine is not 'restored'."""
+    from types import SimpleNamespace
+
+    from sd_deploy.engine_dir.lora import LoraSpec
+    from sd_deploy.runtime.lora import PipelineLoras
+
+    base_dir, _, style, _ = dirs
+    calls: list[tuple[str, int]] = []
+
+    class RefitBackend:
+        name = "fake-tensorrt"
+
+        def refit(self, session, new, base_of):
+            calls.append((session.name, len(new)))
+
+    sessions: dict[str, SimpleNamespace] = {}
+
+    def load(name):
+        sessions[name] = SimpleNamespace(name=name, engine=object())
+        return sessions[name]
+
+    loras = PipelineLoras(base_dir, RefitBackend(), lambda n: None, load)
+    loras.select([LoraSpec(style, SCALE)])
+    first = dict(calls)
+    calls.clear()
+    loras.select([LoraSpec(style, SCALE)])  # reloaded sessions: refit again, same weights
+    assert dict(calls) == first
+    calls.clear()
+    for session in sessions.values():
+        session.engine = None  # closed (keep_loaded=False)
+    loras.select([])
+    assert calls == []
