@@ -182,6 +182,7 @@ def test_second_load_imports_the_compiled_model_from_the_engine_dir(default_engi
     root = default_engine / "vae_decoder" / CACHE_DIR_NAME
     entries = [p for p in root.iterdir() if p.is_dir()]
     assert len(entries) == 1 and entries[0].name.startswith(spec.onnx_sha256[:16])
+    assert entries[0].name.endswith("-fp32")
     blobs = sorted(entries[0].glob("*.blob"))
     assert blobs, "OpenVINO wrote no compiled model"
     stamps = [b.stat().st_mtime_ns for b in blobs]
@@ -202,7 +203,23 @@ def test_a_new_graph_hash_replaces_the_old_cache_folder(default_engine, manifest
     changed = dataclasses.replace(spec, onnx_sha256="f" * 64)
     OpenVinoBackend("fp32", threads=1).open(default_engine, changed)
     names = [p.name for p in (default_engine / "text_encoder" / CACHE_DIR_NAME).iterdir()]
-    assert len(names) == 1 and names[0].startswith("f" * 16)
+    assert len(names) == 1 and names[0].startswith("f" * 16) and names[0].endswith("-fp32")
+
+
+@needs_bf16_cpu
+def test_each_precision_has_its_own_cache_entry(default_engine, manifest):
+    """OpenVINO keys a path's compiled model without the precision hint: an f32 blob
+    imported under a bf16 hint gave NaN text embeddings, so the folders keep them apart."""
+    spec = manifest.components["text_encoder"]
+    feeds = feeds_for(spec)
+    want = ort_outputs(default_engine, spec, feeds)["text_embeddings"]
+    for precision in ("fp32", "bf16", "fp32", "bf16"):
+        session = OpenVinoBackend(precision, threads=1).open(default_engine, spec)
+        got = session.run(feeds)["text_embeddings"]
+        bound = BF16_REL_L2 if precision == "bf16" else FP32_REL_L2
+        assert np.isfinite(got).all() and rel_l2(got, want) <= bound, precision
+    root = default_engine / "text_encoder" / CACHE_DIR_NAME
+    assert sorted(p.name.rsplit("-", 1)[1] for p in root.iterdir()) == ["bf16", "fp32"]
 
 
 def test_unwritable_cache_warns_and_still_runs(default_engine, manifest, monkeypatch, caplog):
@@ -316,3 +333,22 @@ def test_image_parameters_record_the_precision(default_engine, backend, precisio
         assert result.parameters[0].to_dict()["precision"] == want
         if backend == "openvino":
             assert f"unet {want}" in pipe.backend.describe()
+
+
+def test_sd_run_takes_backend_openvino_and_precision(default_engine, tmp_path):
+    from click.testing import CliRunner
+
+    from sd_deploy.cli import run_command
+
+    args = ["--engine", default_engine, "--prompt", "a red circle", "--steps", 2, "--seed", 3]
+    args += ["--backend", "openvino", "--precision", "fp32", "--threads", 1, "--quiet"]
+    args += ["--out", tmp_path / "one.png"]
+    result = CliRunner().invoke(run_command, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "backend: openvino" in result.stderr and "fp32, asked for fp32" in result.stderr
+    assert "requested --backend openvino" in result.stderr
+    assert (tmp_path / "one.png").is_file()
+    bad = ["--engine", default_engine, "--prompt", "x", "--backend", "onnxruntime-cpu"]
+    bad += ["--precision", "bf16", "--out", tmp_path]
+    result = CliRunner().invoke(run_command, [str(a) for a in bad], catch_exceptions=False)
+    assert result.exit_code != 0 and "precision bf16 needs --backend openvino" in result.stderr

@@ -12,11 +12,12 @@ instructions (OpenVINO would emulate it, slower than f32). What each component w
 with is read back from OpenVINO and kept in `OpenVinoBackend.precisions`.
 
 Compiled-model cache: OpenVINO's own (its CACHE_DIR property), kept at
-<component>/openvino_cache/<graph hash>-<openvino version>/, so a second `sd-run` imports
-the compiled model instead of compiling it. The folder is named by the component's graph
-hash (manifest `onnx_sha256`, which covers external weights) because OpenVINO keys a
-model compiled from a path by that path, not by its contents: a re-export with new weights
-gets a new folder and the old one is removed.
+<component>/openvino_cache/<graph hash>-<openvino version>-<precision>/, so a second
+`sd-run` imports the compiled model instead of compiling it. The folder is named by the
+component's graph hash (manifest `onnx_sha256`, which covers external weights) and the
+precision because OpenVINO keys a model compiled from a path by that path, not by its
+contents nor its precision hint: a re-export with new weights gets a new folder and the
+old one is removed.
 
 Shapes: `static_shapes=True` reshapes the graph to each call's exact input shapes before
 compiling (one compiled model per shape kept at a time); False compiles the dynamic graph
@@ -210,6 +211,9 @@ class OpenVinoBackend(Backend):
 
     def describe(self) -> str:
         chosen = ", ".join(f"{name} {p}" for name, (p, _) in self.precisions.items())
+        if not chosen:  # nothing opened yet (sd-run prints this first): the rule's answer
+            precision, why = resolve_precision(self.requested_precision, "unet")
+            chosen = f"{precision}, {why}"
         shapes = "static" if self.static_shapes else "dynamic"
         details = f"CPU, {shapes} shapes" + (f"; {chosen}" if chosen else "")
         return f"openvino {self.version} ({details})"
@@ -238,14 +242,17 @@ class OpenVinoBackend(Backend):
             what = model if isinstance(model, Path) else "the reshaped graph"
             raise UserError(f"cannot compile {what} with OpenVINO: {first_line(exc)}") from None
 
-    def cache_dir(self, engine_dir: Path, spec: ComponentSpec) -> Path | None:
-        """This component's cache folder, created (older graphs' folders removed); None when
-        caching is off or the engine dir is not writable (then every load compiles)."""
+    def cache_dir(self, engine_dir: Path, spec: ComponentSpec, precision: str) -> Path | None:
+        """This component's cache folder for `precision`, created (older graphs' folders
+        removed); None when caching is off or the engine dir is not writable (then every
+        load compiles). One folder per precision: OpenVINO's key for a model compiled from
+        a path ignores INFERENCE_PRECISION_HINT, and an f32 blob imported under a bf16 hint
+        gave NaN text embeddings (measured, OpenVINO 2026.4.1)."""
         if not self.cache:
             return None
         root = Path(engine_dir) / spec.name / CACHE_DIR_NAME
-        graph = spec.onnx_sha256[:16] or "unhashed"
-        entry = root / f"{graph}-{self.version}"
+        graph = f"{spec.onnx_sha256[:16] or 'unhashed'}-{self.version}"
+        entry = root / f"{graph}-{precision}"
         try:
             entry.mkdir(parents=True, exist_ok=True)
             probe = entry / f".write-test-{os.getpid()}"
@@ -259,7 +266,7 @@ class OpenVinoBackend(Backend):
             )
             return None
         for other in root.iterdir():
-            if other != entry and other.is_dir():
+            if other.is_dir() and not other.name.startswith(f"{graph}-"):
                 shutil.rmtree(other, ignore_errors=True)
         return entry
 
@@ -270,7 +277,7 @@ class OpenVinoBackend(Backend):
         }
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = self.threads
-        cache = self.cache_dir(engine_dir, spec)
+        cache = self.cache_dir(engine_dir, spec, precision)
         if cache is not None:
             config["CACHE_DIR"] = os.fspath(cache)
         return config
