@@ -48,7 +48,7 @@ from sd_deploy.benchmarks.reference import reference_source
 from sd_deploy.benchmarks.timing import CallLog, MemoryWatch, Stopwatch, summarize
 from sd_deploy.engine_dir.layout import COMPONENTS
 from sd_deploy.engine_dir.manifest import Manifest
-from sd_deploy.errors import UserError
+from sd_deploy.errors import UserError, first_line
 from sd_deploy.runtime import BackendOptions, GenerationRequest, GenerationResult, Pipeline
 
 REPORT_SCHEMA = 1
@@ -447,9 +447,14 @@ def measure_sdcpp(
     with tempfile.TemporaryDirectory() as tmp, MemoryWatch() as memory:
         path = save_checkpoint(reference.models, Path(tmp) / "model.safetensors")
         with Stopwatch(synchronize=False) as load:
-            sd = StableDiffusion(
-                model_path=str(path), n_threads=config.threads or -1, wtype="f32", verbose=False
-            )
+            try:
+                sd = StableDiffusion(
+                    model_path=str(path), n_threads=config.threads or -1, wtype="f32", verbose=False
+                )
+            except Exception as exc:  # its own errors, e.g. an architecture it does not know
+                entry.update(status="failed", reason=f"stable-diffusion.cpp: {first_line(exc)}")
+                progress.drop(work.steps_per_backend())
+                return entry, None
         entry.update(
             status="ok",
             describe="stable-diffusion.cpp (stable-diffusion-cpp-python, CPU, f32)",
