@@ -178,6 +178,7 @@ def export_command(
     from sd_deploy.engine_dir.lora import parse_lora_arg
     from sd_deploy.exporter import export_engine_dir, resolve_components
     from sd_deploy.models import load_models
+    from sd_deploy.models.loading import modules_for
 
     resolve_components(components)  # unknown names fail before the model loads
     lora_specs = [parse_lora_arg(text) for text in loras]
@@ -189,6 +190,8 @@ def export_command(
         seed=seed,
         family=family,
         prediction_type=prediction_type,
+        # only the modules the named components need are filled (LoRAs merge into all)
+        materialize=None if lora_specs else modules_for(components),
     )
     applied = []
     if lora_specs:

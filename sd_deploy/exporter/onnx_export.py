@@ -44,11 +44,27 @@ def upcast_norms(module: nn.Module) -> nn.Module:
     return module
 
 
+def half_copy(module: nn.Module) -> nn.Module:
+    """A copy of `module` with fp16 floating tensors, made tensor by tensor: the fp32 module
+    is never copied whole first (a full-size SDXL UNet would need 10.3 GB more for that)."""
+    memo: dict[int, object] = {}
+    for tensor in module.parameters():
+        memo[id(tensor)] = nn.Parameter(
+            tensor.detach().half() if tensor.is_floating_point() else tensor.detach().clone(),
+            requires_grad=False,
+        )
+    for tensor in module.buffers():
+        memo[id(tensor)] = (
+            tensor.detach().half() if tensor.is_floating_point() else tensor.detach().clone()
+        )
+    return copy.deepcopy(module, memo)
+
+
 def export_module(module: nn.Module, fp16: bool) -> nn.Module:
     """The module to trace: a half-precision copy for fp16, the module itself for fp32."""
     if not fp16:
         return module
-    return upcast_norms(copy.deepcopy(module)).half().eval()
+    return upcast_norms(half_copy(module)).half().eval()
 
 
 def export_onnx(

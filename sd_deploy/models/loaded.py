@@ -6,6 +6,7 @@ Its own module so that the checkpoint readers (which build one) and `load_models
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,16 +50,17 @@ class LoadedModels:
         return self
 
 
-def build_modules(config: ModelConfig) -> dict[str, nn.Module]:
+def build_modules(config: ModelConfig, only: str | None = None) -> dict[str, nn.Module]:
     """The family's modules by component name (under the caller's device context: the meta
-    device for loading, the CPU with seeded init for random weights)."""
-    modules: dict[str, nn.Module] = {
-        "unet": UNetModel(config.unet),
-        "vae": AutoencoderKL(config.vae),
+    device for loading, the CPU with seeded init for random weights); `only`: just that one."""
+    makers: dict[str, Callable[[], nn.Module]] = {
+        "unet": lambda: UNetModel(config.unet),
+        "vae": lambda: AutoencoderKL(config.vae),
     }
     if config.text_encoder_2 is None:
-        modules["text_encoder"] = TextEncoder(config.text_encoder)
+        makers["text_encoder"] = lambda: TextEncoder(config.text_encoder)
     else:
-        modules["text_encoder"] = PenultimateTextEncoder(config.text_encoder)
-        modules["text_encoder_2"] = ProjectedTextEncoder(config.text_encoder_2)
-    return modules
+        second = config.text_encoder_2
+        makers["text_encoder"] = lambda: PenultimateTextEncoder(config.text_encoder)
+        makers["text_encoder_2"] = lambda: ProjectedTextEncoder(second)
+    return {name: make() for name, make in makers.items() if only in (None, name)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 import torch
@@ -15,13 +16,45 @@ from sd_deploy.models.presets import PRESETS, ModelConfig, get_preset
 DEFAULT_MODEL = "default"
 
 
-def build_random(config: ModelConfig, seed: int = 0) -> LoadedModels:
-    """Seeded random weights for a preset: for tests and size/speed measurements only."""
+# Export components -> the module each one needs (what `materialize` names).
+COMPONENT_MODULES = {
+    "text_encoder": "text_encoder",
+    "text_encoder_2": "text_encoder_2",
+    "unet": "unet",
+    "vae_decoder": "vae",
+    "vae_encoder": "vae",
+}
+
+
+def modules_for(components: Collection[str]) -> set[str] | None:
+    """The modules exporting `components` needs; None (all) for "all"."""
+    if "all" in components:
+        return None
+    return {COMPONENT_MODULES[c] for c in components if c in COMPONENT_MODULES}
+
+
+def build_random(
+    config: ModelConfig, seed: int = 0, materialize: Collection[str] | None = None
+) -> LoadedModels:
+    """Seeded random weights for a preset: for tests and size/speed measurements only.
+
+    SDXL presets seed each module on its own (seed + its index), so a module's weights do not
+    depend on which others are built; modules not in `materialize` (None: all) stay on the
+    meta device: exporting the full-size UNet alone holds the UNet alone."""
     generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
     try:
+        if config.is_sdxl:
+            with torch.device("meta"):
+                modules = build_modules(config)
+            for index, name in enumerate(list(modules)):
+                if materialize is None or name in materialize:
+                    torch.manual_seed(seed + index)
+                    modules[name] = build_modules(config, only=name)[name]
+        else:
+            torch.manual_seed(seed)
+            modules = build_modules(config)
         models = LoadedModels(
-            **build_modules(config),  # type: ignore[arg-type]
+            **modules,  # type: ignore[arg-type]
             config=config,
             source=f"preset:{config.family}:random-seed-{seed}",
         )
@@ -38,12 +71,15 @@ def load_models(
     seed: int = 0,
     family: str | None = None,
     prediction_type: str | None = None,
+    materialize: Collection[str] | None = None,
 ) -> LoadedModels:
     """Load reference modules from a checkpoint file, diffusers folder, or the default model.
 
     source: a `.safetensors`/`.ckpt`/`.pt` file, a diffusers folder, None / "default"
     for the packaged trained model, or a preset name together with `random_init=True`.
     family / prediction_type override what is detected from the weights.
+    materialize: the modules to hold in memory (`modules_for(components)`; None: all); the
+    others stay on the meta device (checkpoints, and SDXL presets with random weights).
     """
     if random_init:
         name = family or (str(source) if source not in (None, DEFAULT_MODEL) else None)
@@ -54,7 +90,7 @@ def load_models(
         config = get_preset(name)
         if prediction_type:
             config = config.with_prediction_type(prediction_type)
-        models = build_random(config, seed)
+        models = build_random(config, seed, materialize)
     elif source in (None, DEFAULT_MODEL):
         if family:
             raise UserError("--family applies to checkpoints, not to the packaged default model")
@@ -66,5 +102,7 @@ def load_models(
         if not path.exists():
             hint = " (a preset name needs --random-weights)" if str(source) in PRESETS else ""
             raise CheckpointError(f"model source {source} does not exist{hint}")
-        models = checkpoints.load_checkpoint(path, family=family, prediction_type=prediction_type)
+        models = checkpoints.load_checkpoint(
+            path, family=family, prediction_type=prediction_type, materialize=materialize
+        )
     return models.to(dtype).eval()

@@ -204,3 +204,36 @@ def test_truncated_sdxl_files_are_one_line(tiny_xl_file, tiny_xl, tmp_path) -> N
         load_checkpoint(short)
     text = _one_line(exc)
     assert "tiny-xl" in text and "missing key" in text
+
+
+def test_diffusers_sdxl_folder_loads_into_the_same_modules(tiny_xl, tmp_path) -> None:
+    """A StableDiffusionXLPipeline folder (text_encoder_2/, tokenizer_2/) saved by diffusers
+    from diffusers' conversion of our weights loads back into identical modules."""
+    diffusers = pytest.importorskip("diffusers")
+    import json
+
+    from sd_deploy.runtime.tokenizer import write_clip_tokenizer_files
+    from tests.models.sdxl_oracle import diffusers_sdxl_modules
+
+    folder = tmp_path / "xl"
+    for name, module in diffusers_sdxl_modules(tiny_xl).items():
+        module.save_pretrained(folder / name)
+    write_clip_tokenizer_files(folder / "tokenizer")
+    write_clip_tokenizer_files(folder / "tokenizer_2")
+    index = {
+        "_class_name": "StableDiffusionXLPipeline",
+        "_diffusers_version": diffusers.__version__,
+    }
+    (folder / "model_index.json").write_text(json.dumps(index))
+    loaded = load_checkpoint(folder)
+    assert loaded.config.family == "tiny-xl"
+    assert loaded.tokenizer_2_dir == folder / "tokenizer_2"
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        ours, theirs = getattr(tiny_xl, name).state_dict(), getattr(loaded, name).state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+    # the refiner's folder (no text_encoder/) is refused in one line
+    import shutil
+
+    shutil.rmtree(folder / "text_encoder")
+    with pytest.raises(CheckpointError, match="SDXL refiner"):
+        load_checkpoint(folder)

@@ -70,6 +70,7 @@ lives in its own module:
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
 from sd_deploy.engine_dir.hashing import files_sha256, sha256_file
@@ -107,12 +108,15 @@ def load_checkpoint(
     prediction_type: str | None = None,
     *,
     use_ema: bool = True,
+    materialize: Collection[str] | None = None,
 ) -> LoadedModels:
     """Load a single-file checkpoint or a diffusers folder into fp32 reference modules.
 
     family: a preset name whose architecture the weights must have (skips detection).
     prediction_type: "epsilon" or "v_prediction", overriding metadata and heuristics.
     use_ema: take the UNet's EMA weights when the file has a complete set (ldm `use_ema`).
+    materialize: the modules to fill ("unet", "vae", "text_encoder", "text_encoder_2"; None:
+    all); the others stay on the meta device, so exporting one graph holds one module.
     `source_sha256` is the file's sha256, or for a folder the sha256 over its weight files
     (relative path, NUL, contents, in unet, vae, text_encoder order).
     """
@@ -130,9 +134,9 @@ def load_checkpoint(
                 f"{path} is a directory but not a diffusers model folder (no model_index.json); "
                 f"pass a {'/'.join(SINGLE_FILE_SUFFIXES)} file or a diffusers folder"
             )
-        models = _load_diffusers_folder(path, family, prediction)
+        models = _load_diffusers_folder(path, family, prediction, materialize)
     else:
-        models = _load_single_file(path, family, prediction, use_ema)
+        models = _load_single_file(path, family, prediction, use_ema, materialize)
     return models.eval()
 
 
@@ -151,7 +155,11 @@ def load_default_model() -> LoadedModels:
 
 
 def _load_single_file(
-    path: Path, family: str | None, prediction: str | None, use_ema: bool
+    path: Path,
+    family: str | None,
+    prediction: str | None,
+    use_ema: bool,
+    materialize: Collection[str] | None = None,
 ) -> LoadedModels:
     reader = readers.open_weights_file(path)
     try:
@@ -159,7 +167,7 @@ def _load_single_file(
         components = single_file.single_file_components(
             reader, config, assembly.meta_modules(config), use_ema
         )
-        built = assembly.build(config, components, path, how)
+        built = assembly.build(config, components, path, how, materialize)
     finally:
         reader.close()
     return LoadedModels(
@@ -174,7 +182,10 @@ def _load_single_file(
 
 
 def _load_diffusers_folder(
-    folder: Path, family: str | None, prediction: str | None
+    folder: Path,
+    family: str | None,
+    prediction: str | None,
+    materialize: Collection[str] | None = None,
 ) -> LoadedModels:
     diffusers_folder.check_layout(folder)
     config, how = diffusers_configs.folder_config(folder, family, prediction)
@@ -183,7 +194,7 @@ def _load_diffusers_folder(
         components = diffusers_folder.folder_components(
             readers, config, assembly.meta_modules(config)
         )
-        built = assembly.build(config, components, folder, how)
+        built = assembly.build(config, components, folder, how, materialize)
     finally:
         for reader in readers.values():
             reader.close()
@@ -191,8 +202,10 @@ def _load_diffusers_folder(
         unet=built["unet"],
         vae=built["vae"],
         text_encoder=built["text_encoder"],
+        text_encoder_2=built.get("text_encoder_2"),
         config=config,
         source=str(folder),
         source_sha256=files_sha256(folder, files),
         tokenizer_dir=diffusers_folder.tokenizer_dir(folder),
+        tokenizer_2_dir=diffusers_folder.tokenizer_dir(folder, "tokenizer_2"),
     )

@@ -10,7 +10,7 @@ tensor, casting fp16/bf16 as it goes. Loading a full-size fp16 SD 1.5 file peaks
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -211,11 +211,23 @@ def _materialize(component: Component, path: Path) -> nn.Module:
     return module
 
 
-def build(config: ModelConfig, components: list[Component], path: Path, how: str) -> dict[str, Any]:
-    """Check every component's plan, then materialise the modules one at a time, by name."""
+def build(
+    config: ModelConfig,
+    components: list[Component],
+    path: Path,
+    how: str,
+    materialize: Collection[str] | None = None,
+) -> dict[str, Any]:
+    """Check every component's plan, then materialise the modules one at a time, by name.
+
+    materialize: the modules to fill (None: all); the others stay on the meta device (their
+    architecture without memory: what exporting one graph of a large model needs)."""
     _check(components, path, config, how)
     built = {}
     for component in components:
-        built[component.name] = _materialize(component, path)
+        if materialize is None or component.name in materialize:
+            built[component.name] = _materialize(component, path)
+        else:
+            built[component.name] = component.module
         component.sources.clear()
     return built

@@ -22,7 +22,7 @@ from sd_deploy.models.checkpoints.families import (
     same_unet,
 )
 from sd_deploy.models.checkpoints.messages import one_line
-from sd_deploy.models.presets import PRESETS, ModelConfig
+from sd_deploy.models.presets import PRESETS, ModelConfig, get_preset
 from sd_deploy.models.text_encoder import TextEncoderConfig
 from sd_deploy.models.unet import UNetConfig
 from sd_deploy.models.vae import VAEConfig
@@ -214,10 +214,57 @@ def _pad_token_id(tokenizer_dir: Path) -> int | None:
     return value if isinstance(value, int) else None
 
 
+def is_sdxl_folder(folder: Path) -> bool:
+    """An SDXL pipeline folder: a second text tower, or the XL pipeline class."""
+    if (folder / "text_encoder_2").is_dir():
+        return True
+    index_path = folder / "model_index.json"
+    return index_path.is_file() and "XL" in str(read_json(index_path).get("_class_name", ""))
+
+
+def _sdxl_folder_config(
+    folder: Path, family: str | None, prediction: str | None
+) -> tuple[ModelConfig, str]:
+    """The SDXL preset the folder's UNet is (by width and vector width); the refiner refused."""
+    index_path = folder / "model_index.json"
+    index = read_json(index_path) if index_path.is_file() else {}
+    unet_path = folder / "unet" / "config.json"
+    unet = read_json(unet_path)
+    channels = (unet.get("block_out_channels") or [None])[0]
+    vector = unet.get("projection_class_embeddings_input_dim")
+    if not (folder / "text_encoder").is_dir() or index.get("requires_aesthetics_score"):
+        raise CheckpointError(
+            f"{folder} is an SDXL refiner (one OpenCLIP bigG tower, aesthetic-score "
+            "conditioning): only SDXL base models are supported; pass the base model"
+        )
+    scheduler_path = folder / "scheduler" / "scheduler_config.json"
+    scheduler = read_json(scheduler_path) if scheduler_path.is_file() else {}
+    wanted = prediction or normalize_prediction(scheduler.get("prediction_type")) or "epsilon"
+    if family is not None:
+        if not get_preset(family).is_sdxl:
+            raise CheckpointError(
+                f"{folder} is an SDXL folder (text_encoder_2/) but --family {family} was given; "
+                "leave --family out to detect the family"
+            )
+        return named_preset(family, wanted)
+    for preset in PRESETS.values():
+        if preset.is_sdxl and (channels, vector) == (
+            preset.unet.model_channels,
+            preset.unet.adm_in_channels,
+        ):
+            return preset.with_prediction_type(wanted), f"config.json files match {preset.family}"
+    raise CheckpointError(
+        f"{unet_path}: an SDXL UNet of width {channels} and vector width {vector} is no known "
+        "SDXL architecture (sdxl: 320/2816)"
+    )
+
+
 def folder_config(
     folder: Path, family: str | None, prediction: str | None
 ) -> tuple[ModelConfig, str]:
     """The folder's `ModelConfig` (a preset's when the architecture equals one), and how."""
+    if is_sdxl_folder(folder):
+        return _sdxl_folder_config(folder, family, prediction)
     unet_path = folder / "unet" / "config.json"
     unet = _parsed(_unet_config_from_diffusers, unet_path)
     vae_path = folder / "vae" / "config.json"

@@ -27,13 +27,15 @@ _WEIGHT_NAMES = {
     "unet": "diffusion_pytorch_model",
     "vae": "diffusion_pytorch_model",
     "text_encoder": "model",
+    "text_encoder_2": "model",
 }
+XL_COMPONENTS = (*COMPONENTS, "text_encoder_2")
 _TEXT_BIN = "pytorch_model"
 
 
 def _weight_files(folder: Path, name: str) -> list[Path]:
     """The weight files of one diffusers component, best format first."""
-    stems = [_WEIGHT_NAMES[name]] + ([_TEXT_BIN] if name == "text_encoder" else [])
+    stems = [_WEIGHT_NAMES[name]] + ([_TEXT_BIN] if name.startswith("text_encoder") else [])
     stems += [s for s in ("diffusion_pytorch_model", "model", "pytorch_model") if s not in stems]
     for variant in ("", ".fp16"):
         for ext in (".safetensors", ".bin"):
@@ -72,10 +74,20 @@ def _open_component(folder: Path, name: str) -> tuple[Reader, list[Path]]:
     return MultiReader(folder, readers), files
 
 
+def _components(folder: Path) -> tuple[str, ...]:
+    """The component folders to load: SDXL's second text tower too (text_encoder_2/)."""
+    return XL_COMPONENTS if (folder / "text_encoder_2").is_dir() else COMPONENTS
+
+
 def check_layout(folder: Path) -> None:
     """The folder has the three component folders we load (model_index.json is read first)."""
     index = read_json(folder / "model_index.json")
-    for name in COMPONENTS:
+    if (folder / "text_encoder_2").is_dir() and not (folder / "text_encoder").is_dir():
+        raise CheckpointError(
+            f"{folder} is an SDXL refiner (text_encoder_2/ alone: one OpenCLIP bigG tower, "
+            "aesthetic-score conditioning): only SDXL base models are supported"
+        )
+    for name in _components(folder):
         if not (folder / name).is_dir():
             listed = " (model_index.json lists it)" if name in index else ""
             raise CheckpointError(f"{folder} is a diffusers folder without {name}/{listed}")
@@ -89,7 +101,7 @@ def open_components(folder: Path) -> tuple[dict[str, Reader], list[Path]]:
     readers: dict[str, Reader] = {}
     files: list[Path] = []
     try:
-        for name in COMPONENTS:
+        for name in _components(folder):
             readers[name], component_files = _open_component(folder / name, name)
             files += component_files
     except BaseException:
@@ -99,9 +111,10 @@ def open_components(folder: Path) -> tuple[dict[str, Reader], list[Path]]:
     return readers, files
 
 
-def tokenizer_dir(folder: Path) -> Path | None:
-    """The folder's CLIP tokenizer files, when both are there."""
-    tokenizer = folder / "tokenizer"
+def tokenizer_dir(folder: Path, name: str = "tokenizer") -> Path | None:
+    """The folder's CLIP tokenizer files (tokenizer/, or SDXL's tokenizer_2/), when both are
+    there."""
+    tokenizer = folder / name
     has_tokenizer = (tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").is_file()
     return tokenizer if has_tokenizer else None
 
@@ -110,9 +123,10 @@ def folder_components(
     readers: dict[str, Reader], config: ModelConfig, modules: dict[str, nn.Module]
 ) -> list[Component]:
     """Plan the three modules (from `meta_modules(config)`) from the components' keys."""
-    components = [Component(n, modules[n]) for n in COMPONENTS]
-    unet, vae, text = components
-    consumed: dict[str, set[str]] = {n: set() for n in COMPONENTS}
+    names = [n for n in XL_COMPONENTS if n in modules]
+    components = [Component(n, modules[n]) for n in names]
+    unet, vae, text = components[:3]
+    consumed: dict[str, set[str]] = {n: set() for n in names}
 
     def finder(
         name: str, candidates: Callable[[str], Iterable[str]], conv1x1: bool = False
@@ -142,6 +156,9 @@ def folder_components(
     resolve(unet, finder("unet", unet_names))
     resolve(vae, finder("vae", lambda k: vae_keys_to_diffusers(k, levels), conv1x1=True))
     resolve(text, finder("text_encoder", lambda k: ("text_model." + text_bare(k), text_bare(k))))
+    if len(components) == 4:  # SDXL: CLIPTextModelWithProjection keeps text_model. names
+        both = finder("text_encoder_2", lambda k: ("text_model." + text_bare(k), text_bare(k)))
+        resolve(components[3], both)
     for component in components:
         for key in readers[component.name].shapes:
             if key not in consumed[component.name] and not key.endswith("position_ids"):

@@ -15,6 +15,8 @@ _UNET_TOP = {
     "input_blocks.0.0.": "conv_in.",
     "out.0.": "conv_norm_out.",
     "out.2.": "conv_out.",
+    "label_emb.0.0.": "add_embedding.linear_1.",  # SDXL's vector conditioning
+    "label_emb.0.2.": "add_embedding.linear_2.",
 }
 _UNET_RESNET = (
     ("in_layers.0.", "norm1."),
