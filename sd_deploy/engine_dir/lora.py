@@ -67,12 +67,14 @@ class LoraSpec:
 
 
 def parse_scale(text: str, what: str) -> float:
+    shown = repr(text if len(text) <= 40 else text[:37] + "...")  # from a prompt: any length
+    what = what if len(what) <= 80 else what[:77] + "..."
     try:
         value = float(text)
     except ValueError:
-        raise LoraError(f"LoRA scale {text!r} for {what} is not a number") from None
+        raise LoraError(f"LoRA scale {shown} for {what} is not a number") from None
     if not np.isfinite(value):
-        raise LoraError(f"LoRA scale {text!r} for {what} is not a finite number")
+        raise LoraError(f"LoRA scale {shown} for {what} is not a finite number")
     return value
 
 

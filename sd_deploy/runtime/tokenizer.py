@@ -169,7 +169,8 @@ class CLIPTokenizer:
         for a, b in merges:
             if a not in enc or b not in enc or a + b not in enc:
                 raise EngineDirError(
-                    f"{source}: {MERGES_FILE} merge {a!r} {b!r} uses a token not in {VOCAB_FILE}"
+                    f"{source}: {MERGES_FILE} merge {_shorten(a, 40)!r} {_shorten(b, 40)!r} "
+                    f"uses a token not in {VOCAB_FILE}"
                 )
         self._ranks: dict[tuple[str, str], int] = {}
         for rank, pair in enumerate(merges):
