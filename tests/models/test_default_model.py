@@ -100,21 +100,16 @@ def default_engine(tmp_path_factory, default_models):
 
 
 def generate(engine_dir, backend, guidance: float) -> np.ndarray:
-    from sd_deploy.runtime.pipeline import GenerationRequest, Pipeline
+    from sd_deploy.runtime import GenerationRequest, Pipeline
 
     _, prompts = held_out_prompts()
     noise = np.random.default_rng(SEED).standard_normal((len(prompts), 4, 8, 8), np.float32)
+    requests = [
+        GenerationRequest(prompt=p, seed=SEED + i, guidance=guidance) for i, p in enumerate(prompts)
+    ]
     pipe = Pipeline(engine_dir, backend=backend)
     try:
-        return pipe.generate(
-            GenerationRequest(
-                prompt=prompts,
-                batch=len(prompts),
-                seed=SEED,
-                guidance=guidance,
-                initial_noise=noise,
-            )
-        ).images
+        return pipe.generate_from_noise(requests, noise).images
     finally:
         pipe.close()
 

@@ -48,7 +48,7 @@ def test_release_scratch_shrinks_the_cpu_arena_after_the_run(tiny_engine_fp32, m
         return real_run(names, feeds, run_options)
 
     session.session.run = spy
-    feeds = {"input_ids": np.zeros((2, 77), np.int32)}
+    feeds = {"input_ids": np.zeros((2, 77), np.int32), "clip_skip": np.array([1], np.int32)}
     kept = session.run(feeds)["text_embeddings"]
     # ONNX Runtime refuses the shrink option outright when there is no CPU arena.
     released = session.run(feeds, release_scratch=True)["text_embeddings"]
