@@ -106,19 +106,76 @@ def finalize_onnx(raw_path: Path, final_path: Path) -> list[Path]:
     """
     import onnx
 
-    model = onnx.load(str(raw_path), load_external_data=True)
-    size = sum(len(t.raw_data) for t in model.graph.initializer)
-    files = [final_path]
-    if size > EXTERNAL_DATA_THRESHOLD:
-        onnx.save_model(
-            model,
-            str(final_path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=EXTERNAL_DATA_NAME,
-            size_threshold=1024,
-        )
-        files.append(final_path.parent / EXTERNAL_DATA_NAME)
-    else:
+    model = onnx.load(str(raw_path), load_external_data=False)
+    if _initializer_bytes(model, raw_path.parent) > EXTERNAL_DATA_THRESHOLD:
+        # Streamed tensor by tensor: a full-size SDXL UNet's weights are never all in memory.
+        _pack_external_data(model, raw_path.parent, final_path.parent / EXTERNAL_DATA_NAME)
         onnx.save_model(model, str(final_path))
-    return files
+        return [final_path, final_path.parent / EXTERNAL_DATA_NAME]
+    onnx.load_external_data_for_model(model, str(raw_path.parent))
+    onnx.save_model(model, str(final_path))
+    return [final_path]
+
+
+def _external_info(tensor) -> dict[str, str]:  # tensor: onnx.TensorProto
+    return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def _initializer_bytes(model, base: Path) -> int:  # model: onnx.ModelProto
+    """Bytes of the initializers, embedded or in external files, without reading the files."""
+    import onnx
+
+    total = 0
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = _external_info(tensor)
+            length = info.get("length")
+            total += int(length) if length else (base / info["location"]).stat().st_size
+        else:
+            total += len(tensor.raw_data)
+    return total
+
+
+_ALIGN = 4096  # offsets on page boundaries, so the data file can be memory-mapped per tensor
+_COPY_CHUNK = 64 << 20
+
+
+def _pack_external_data(model, base: Path, data_path: Path) -> None:
+    """Move every initializer of 1 KiB or more into one external data file, one at a time."""
+    import onnx
+
+    offset = 0
+    with data_path.open("wb") as out:
+        for tensor in model.graph.initializer:
+            external = tensor.data_location == onnx.TensorProto.EXTERNAL
+            if not external and len(tensor.raw_data) < 1024:
+                continue
+            out.write(b"\0" * (-offset % _ALIGN))
+            offset += -offset % _ALIGN
+            start = offset
+            if external:
+                info = _external_info(tensor)
+                with (base / info["location"]).open("rb") as src:
+                    src.seek(int(info.get("offset", 0)))
+                    left = int(info["length"]) if info.get("length") else None
+                    while left is None or left > 0:
+                        chunk = src.read(_COPY_CHUNK if left is None else min(left, _COPY_CHUNK))
+                        if not chunk:
+                            break
+                        out.write(chunk)
+                        offset += len(chunk)
+                        if left is not None:
+                            left -= len(chunk)
+            else:
+                out.write(tensor.raw_data)
+                offset += len(tensor.raw_data)
+                tensor.ClearField("raw_data")
+            del tensor.external_data[:]
+            for key, value in (
+                ("location", data_path.name),
+                ("offset", str(start)),
+                ("length", str(offset - start)),
+            ):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            tensor.data_location = onnx.TensorProto.EXTERNAL

@@ -12,11 +12,15 @@ import onnx
 import pytest
 
 from sd_deploy.engine_dir import shapes
-from sd_deploy.engine_dir.layout import COMPONENTS
+from sd_deploy.engine_dir.layout import COMPONENTS as ALL_COMPONENTS
+from sd_deploy.engine_dir.layout import SECOND_TEXT_ENCODER
 from sd_deploy.engine_dir.manifest import read_manifest
 from sd_deploy.errors import ExportError, UserError
 from sd_deploy.exporter import export as export_module
 from sd_deploy.exporter import export_engine_dir, onnx_export
+
+# An SD 1.x / 2.x engine dir's components: every one but SDXL's second text tower.
+COMPONENTS = tuple(c for c in ALL_COMPONENTS if c != SECOND_TEXT_ENCODER)
 
 ONNX_DTYPES = {
     onnx.TensorProto.FLOAT: "float32",

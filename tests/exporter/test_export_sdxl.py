@@ -62,3 +62,48 @@ def test_text_encoder_2_is_sdxl_only() -> None:
     assert resolve_components(["all"], ("text_encoder", "unet")) == ["text_encoder", "unet"]
     with pytest.raises(ExportError, match="SDXL's only"):
         resolve_components(["text_encoder_2"], ("text_encoder", "unet"))
+
+
+def test_finalize_streams_external_tensors_into_one_aligned_file(tmp_path, monkeypatch) -> None:
+    """Past 2 GB (the full-size SDXL UNet) the traced graph's per-tensor files are packed into
+    one model.onnx_data tensor by tensor; here with the threshold at 0."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from sd_deploy.exporter import onnx_export
+
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal((16, 16)).astype(np.float32) for _ in range(3)]
+    nodes, previous = [], "x"
+    for i in range(3):
+        nodes.append(helper.make_node("MatMul", [previous, f"w{i}"], [f"h{i}"]))
+        previous = f"h{i}"
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+        [helper.make_tensor_value_info(previous, TensorProto.FLOAT, [2, 16])],
+        [numpy_helper.from_array(w, f"w{i}") for i, w in enumerate(weights)],
+    )
+    raw = tmp_path / "raw" / "model.onnx"
+    raw.parent.mkdir()
+    onnx.save_model(
+        helper.make_model(graph), str(raw), save_as_external_data=True,
+        all_tensors_to_one_file=False, size_threshold=0,
+    )  # fmt: skip
+    final = tmp_path / "out" / "model.onnx"
+    final.parent.mkdir()
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
+    files = onnx_export.finalize_onnx(raw, final)
+    assert [f.name for f in files] == ["model.onnx", "model.onnx_data"]
+    assert sorted(p.name for p in final.parent.iterdir()) == ["model.onnx", "model.onnx_data"]
+    offsets = [
+        int({e.key: e.value for e in t.external_data}["offset"])
+        for t in onnx.load(str(final), load_external_data=False).graph.initializer
+    ]
+    assert all(o % 4096 == 0 for o in offsets)
+    x = rng.standard_normal((2, 16)).astype(np.float32)
+    got = ort.InferenceSession(str(final)).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, x @ weights[0] @ weights[1] @ weights[2], rtol=1e-5)
