@@ -100,6 +100,8 @@ class SDXLTextEncoder2Graph(nn.Module):
 
     def __init__(self, models: LoadedModels) -> None:
         super().__init__()
+        if models.text_encoder_2 is None:
+            raise ValueError("text_encoder_2 is SDXL's only")
         self.text_encoder = models.text_encoder_2
 
     def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

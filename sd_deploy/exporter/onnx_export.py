@@ -48,14 +48,14 @@ def half_copy(module: nn.Module) -> nn.Module:
     """A copy of `module` with fp16 floating tensors, made tensor by tensor: the fp32 module
     is never copied whole first (a full-size SDXL UNet would need 10.3 GB more for that)."""
     memo: dict[int, object] = {}
-    for tensor in module.parameters():
-        memo[id(tensor)] = nn.Parameter(
-            tensor.detach().half() if tensor.is_floating_point() else tensor.detach().clone(),
+    for param in module.parameters():
+        memo[id(param)] = nn.Parameter(
+            param.detach().half() if param.is_floating_point() else param.detach().clone(),
             requires_grad=False,
         )
-    for tensor in module.buffers():
-        memo[id(tensor)] = (
-            tensor.detach().half() if tensor.is_floating_point() else tensor.detach().clone()
+    for buffer in module.buffers():
+        memo[id(buffer)] = (
+            buffer.detach().half() if buffer.is_floating_point() else buffer.detach().clone()
         )
     return copy.deepcopy(module, memo)
 

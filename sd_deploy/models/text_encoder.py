@@ -77,7 +77,7 @@ class PenultimateTextEncoder(TextEncoder):
     `layer_idx=11`; diffusers' `hidden_states[-2]`). The last layer is kept so that the
     checkpoint's keys load as they are; it does not run in the exported graph."""
 
-    def forward(  # type: ignore[override]
+    def forward(
         self, input_ids: torch.Tensor, clip_skip: torch.Tensor | None = None
     ) -> torch.Tensor:
         out = self.model(input_ids=input_ids.long(), output_hidden_states=True)

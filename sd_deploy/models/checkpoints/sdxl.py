@@ -32,6 +32,7 @@ from sd_deploy.models.checkpoints.layout import UNET_PREFIX, VAE_PREFIX, text_ba
 from sd_deploy.models.checkpoints.openclip import _OPENCLIP_LAYER, _OPENCLIP_TOP, openclip_key
 from sd_deploy.models.checkpoints.readers import Reader
 from sd_deploy.models.presets import PRESETS, ModelConfig
+from sd_deploy.models.text_encoder import ProjectedTextEncoder, TextEncoder
 
 SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
 SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
@@ -147,7 +148,9 @@ def sdxl_components(reader: Reader, modules: dict[str, nn.Module]) -> list[Compo
     return [unet, vae, text, text_2]
 
 
-def sdxl_state_dict(text: nn.Module, text_2: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+def sdxl_state_dict(
+    text: TextEncoder, text_2: ProjectedTextEncoder
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Both text towers under sgm single-file names (the UNet and VAE keep ldm's)."""
     for key, value in text.model.state_dict().items():
         yield SDXL_CLIP_PREFIX + "text_model." + text_bare(key), value
