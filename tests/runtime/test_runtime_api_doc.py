@@ -21,7 +21,7 @@ def test_the_documented_embedding_example_runs(default_engine, tmp_path, capsys)
     finally:
         os.chdir(cwd)
     out = capsys.readouterr().out
-    assert "running on " in out and "refused: width 500 is outside" in out
+    assert "running on " in out and "refused: width 1024 is outside" in out
     parameters = Image.open(tmp_path / "circle.png").text["parameters"]
     assert parameters.startswith("a red circle on a white background\n")
     assert "Seed: 7," in parameters
