@@ -49,6 +49,8 @@ def decode_text(value: Any, name: str, max_chars: int) -> str:
     """One BYTES element -> str; non-UTF-8 and over-long text are request errors."""
     if isinstance(value, str):
         text = value
+    elif not isinstance(value, bytes):  # a number tensor where text belongs: bytes(10**9) ...
+        raise RequestError(f"{name} must be a BYTES (text) tensor, got {type(value).__name__}")
     else:
         try:
             text = bytes(value).decode("utf-8")
@@ -63,10 +65,15 @@ def decode_text(value: Any, name: str, max_chars: int) -> str:
     return text
 
 
-def rows_of(arrays: dict[str, np.ndarray], batched: bool) -> list[dict[str, Any]]:
-    """Input tensors -> one dict of scalars per batch row (a row is one image)."""
+def rows_of(
+    arrays: dict[str, np.ndarray], batched: bool, max_rows: int | None = None
+) -> list[dict[str, Any]]:
+    """Input tensors -> one dict of scalars per batch row (a row is one image); at least one
+    row and at most `max_rows` (the model's max_batch_size)."""
     rows: int | None = None
     for name, array in arrays.items():
+        if batched and array.ndim == 0:
+            raise RequestError(f"{name} must have shape [batch, 1], got []")
         count = array.shape[0] if batched else 1
         if array.size != count:
             raise RequestError(f"{name} must have shape [batch, 1], got {list(array.shape)}")
@@ -74,6 +81,10 @@ def rows_of(arrays: dict[str, np.ndarray], batched: bool) -> list[dict[str, Any]
             rows = count
         elif count != rows:
             raise RequestError(f"{name} has {count} rows but prompt has {rows}")
+    if not rows:
+        raise RequestError("the request has no rows (prompt has shape [0, 1])")
+    if max_rows is not None and rows > max_rows:
+        raise RequestError(f"the request has {rows} rows; this model takes at most {max_rows}")
     flat = {name: array.reshape(-1) for name, array in arrays.items()}
     return [{name: values[i] for name, values in flat.items()} for i in range(rows or 0)]
 
@@ -88,6 +99,7 @@ class PipelineModel:
         threads: int | None = None,
         max_prompt_chars: int = 4096,
         batched: bool = True,
+        max_rows: int | None = None,
     ) -> None:
         from sd_deploy.runtime import BackendOptions, Pipeline
 
@@ -97,6 +109,7 @@ class PipelineModel:
         self.pipeline.load_all()
         self.max_prompt_chars = max_prompt_chars
         self.batched = batched
+        self.max_rows = max_rows
 
     def parse(self, row: dict[str, Any]) -> Any:
         """One row of inputs -> a validated GenerationRequest (RequestError if impossible)."""
@@ -113,7 +126,11 @@ class PipelineModel:
         for name, kind in OPTIONAL_NUMBERS.items():
             if name in row:
                 value = row[name]
-                if kind is float and not np.isfinite(value):
+                if isinstance(value, bool | np.bool_) or not isinstance(
+                    value, int | float | np.integer | np.floating
+                ):
+                    raise RequestError(f"{name} must be a number, got {type(value).__name__}")
+                if not np.isfinite(value):
                     raise RequestError(f"{name} must be a finite number, got {value}")
                 fields[name] = kind(value)
         if fields.get("sampler") == "":
@@ -121,6 +138,16 @@ class PipelineModel:
         request = GenerationRequest(**fields)
         self.pipeline.validate(request)
         return request
+
+    def parse_rows(self, rows: list[dict[str, Any]]) -> list[Any]:
+        """A request's rows -> GenerationRequests. Their images go back as one [rows, H, W, 3]
+        tensor, so every row must ask for the same size."""
+        requests = [self.parse(row) for row in rows]
+        sizes = sorted({(r.width, r.height) for r in map(self.pipeline.validate, requests)})
+        if len(sizes) > 1:
+            shown = ", ".join(f"{w}x{h}" for w, h in sizes[:3])
+            raise RequestError(f"the rows of one request must ask for one size, got {shown}")
+        return requests
 
     def run(
         self,
@@ -174,6 +201,7 @@ class TritonPythonModel:
                 threads=int(params.get("threads", "0")) or None,
                 max_prompt_chars=int(params.get("max_prompt_chars", "4096")),
                 batched=int(config.get("max_batch_size", 0)) > 0,
+                max_rows=int(config.get("max_batch_size", 0)) or 1,
             )
         except UserError as exc:  # the reason Triton shows in its log and the model status
             raise pb_utils.TritonModelException(error_message(exc)) from None
@@ -198,8 +226,8 @@ class TritonPythonModel:
                 arrays = self._inputs(request)
                 if "prompt" not in arrays:
                     raise RequestError("prompt is required")
-                rows = rows_of(arrays, self.model.batched)
-                parsed.append([self.model.parse(row) for row in rows])
+                rows = rows_of(arrays, self.model.batched, self.model.max_rows)
+                parsed.append(self.model.parse_rows(rows))
             except UserError as exc:
                 parsed.append(exc)
 
