@@ -195,7 +195,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
             dtype = _DTYPES[info["dtype"]]
             start, end = (int(x) for x in info["data_offsets"])
             shape = tuple(int(x) for x in info["shape"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: Infinity
             raise LoraError(f"LoRA {path}: tensor {key} has a malformed header entry") from None
         if end > len(body) or start > end:
             raise LoraError(
@@ -310,6 +310,9 @@ def parse_lora_tensors(
     tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str], path: Path
 ) -> tuple[str, list[LoraLayer]]:
     """Pair a LoRA file's tensors into layers; returns (format, layers)."""
+    for key, value in tensors.items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise LoraError(f"LoRA {path}: tensor {key} holds NaN or infinite values")
     for key in tensors:
         for marker, what in _UNSUPPORTED.items():
             if marker in key:

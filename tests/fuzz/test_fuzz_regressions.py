@@ -44,3 +44,16 @@ def test_memory_regressions_under_an_address_space_cap(target: str) -> None:
     cmd = [sys.executable, "-m", "tools.fuzz", target, "--replay", *files]
     done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_bounded_file_reads_no_more_than_the_file_holds(tmp_path: Path) -> None:
+    """What the legacy-pickle readers (checkpoints, .pt LoRAs) go through: asking for 1 TB of
+    a 5-byte file allocates 5 bytes (a plain FileIO tries to allocate the terabyte)."""
+    from sd_deploy.models.checkpoints.readers import BoundedFile
+
+    path = tmp_path / "small.pt"
+    path.write_bytes(b"hello")
+    with BoundedFile(path) as f:
+        assert f.read(1) == b"h"
+        assert f.read(1 << 40) == b"ello"
+        assert f.read(1 << 40) == b""

@@ -110,7 +110,7 @@ class _TorchReader(Reader):
         import pickle
 
         path = self.path
-        source: Any = path if self._mmap else _BoundedFile(path)
+        source: Any = path if self._mmap else BoundedFile(path)
         try:
             obj = torch.load(source, map_location="cpu", weights_only=True, mmap=self._mmap)
         except pickle.UnpicklingError as e:
@@ -162,7 +162,7 @@ class _TorchReader(Reader):
         self._tensors = {}
 
 
-class _BoundedFile(io.FileIO):
+class BoundedFile(io.FileIO):
     """A file whose read(n) asks for at most what is left in it: a legacy pickle of 15 bytes
     claiming a 4 GB string must not make Python allocate 4 GB before it finds the end."""
 

@@ -41,6 +41,7 @@ from sd_deploy.engine_dir.lora import (
 from sd_deploy.models import LoadedModels
 from sd_deploy.models.checkpoints.diffusers_names import unet_key_to_diffusers
 from sd_deploy.models.checkpoints.layout import text_bare
+from sd_deploy.models.checkpoints.readers import BoundedFile
 
 __all__ = [
     "AppliedLora",
@@ -122,8 +123,9 @@ def load_lora(path: str | Path) -> LoraFile:
     path = Path(path)
     if path.suffix.lower() not in PICKLE_SUFFIXES or not path.is_file():
         return read_lora(path)
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
+    try:  # BoundedFile: a pickle claiming a 4 GB string in a small file allocates nothing
+        with BoundedFile(path) as f:
+            data = torch.load(f, map_location="cpu", weights_only=True, mmap=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is the user's file
         text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise LoraError(
