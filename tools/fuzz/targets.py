@@ -534,17 +534,19 @@ def _prompt_seeds() -> list[bytes]:
     "chunking, weights applied to a context",
     seeds=_prompt_seeds,
     mutate=lambda d, rng: mutate.mutate_text(d, rng, PROMPT_ALPHABET),
-    modules=("sd_deploy.runtime.prompts", "sd_deploy.runtime.tokenizer"),
+    modules=("sd_deploy.runtime.prompts", "sd_deploy.runtime.tokenizer", "sd_deploy.runtime.lora"),
     time_limit=5.0,
 )
 def run_prompts(data: bytes, work: Path) -> Any:
     import numpy as np
 
+    from sd_deploy.runtime.lora import extract_lora_tags
     from sd_deploy.runtime.prompts import PromptEncoder
 
     # Invalid UTF-8 becomes lone surrogates: a Python caller can pass any str.
     text = data.decode("utf-8", "surrogateescape")
     tok = real_tokenizer()
+    extract_lora_tags(text)  # <lora:name:scale> tags, read before the prompt is parsed
     tok.encode(text)
     for emphasis in (True, False):
         enc = PromptEncoder(
@@ -628,3 +630,271 @@ def run_infotext(data: bytes, work: Path) -> Any:
     fields = parsed.request_fields()
     parsed.params.get("Model hash")
     seed_pipeline().validate(GenerationRequest(**fields))
+
+
+# ----------------------------------------------------------------------------- LoRAs
+
+
+@functools.cache
+def lora_table() -> Any:
+    from sd_deploy.models.lora import target_table
+
+    return target_table(micro_models())
+
+
+def _lora_seeds() -> list[bytes]:
+    """LoRA files for the micro model from the tests' own writer (tests/models/lora_files.py):
+    kohya with alphas, PEFT with adapter metadata, old diffusers names, fp16, and a .pt."""
+    import io
+    import sys
+
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "models"))
+    try:
+        import lora_files
+    finally:
+        sys.path.pop(0)
+    from safetensors.torch import load_file
+
+    tmp = _tmp()
+    out = []
+    try:
+        for fmt, alpha, dtype in (
+            ("kohya", 2.0, torch.float32),
+            ("peft", 8.0, torch.float32),
+            ("lora_down_up", None, torch.float16),
+        ):
+            path = tmp / f"{fmt}.safetensors"
+            lora_files.write_lora(path, micro_models(), fmt, rank=2, alpha=alpha, dtype=dtype)
+            out.append(b"\x00" + path.read_bytes())
+        buf = io.BytesIO()
+        torch.save(load_file(tmp / "kohya.safetensors"), buf)
+        out.append(b"\x01" + buf.getvalue())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _mutate_lora(data: bytes, rng: random.Random) -> bytes:
+    if not data or rng.random() < 0.03:
+        return bytes([rng.randrange(2)]) + data[1:]
+    head, rest = data[:1], data[1:]
+    if head[0] % 2 == 0:
+        return head + mutate.mutate_safetensors(rest, rng)
+    return head + mutate.mutate_torch_zip(rest, rng)
+
+
+@target(
+    name="lora",
+    doc="LoRA files (.safetensors through the numpy reader, .pt through weights_only): kohya "
+    "and PEFT key sets, alphas and adapter metadata, shapes, resolved onto a model and merged",
+    seeds=_lora_seeds,
+    mutate=_mutate_lora,
+    modules=("sd_deploy.engine_dir.lora", "sd_deploy.models.lora"),
+    max_len=1 << 18,
+)
+def run_lora(data: bytes, work: Path) -> Any:
+    import numpy as np
+
+    from sd_deploy.engine_dir.lora import merged_deltas, resolve
+    from sd_deploy.models.lora import load_lora
+
+    suffix = (".safetensors", ".pt")[data[0] % 2] if data else ".safetensors"
+    path = work / f"style{suffix}"
+    path.write_bytes(data[1:])
+    lora = load_lora(path)
+    table = lora_table()
+    deltas = merged_deltas(resolve([(lora, 0.7)], table), table)
+    for (component, name), delta in deltas.items():
+        if not np.isfinite(delta).all():
+            raise AssertionError(f"LoRA gave a non-finite delta for {component} {name}")
+
+
+# ---------------------------------------------------------------------- Triton requests
+
+
+class FakeTensor:
+    def __init__(self, name: str, array: Any) -> None:
+        self.name, self.array = name, array
+
+    def as_numpy(self) -> Any:
+        return self.array
+
+
+class FakeRequest:
+    def __init__(self, inputs: dict[str, Any], cancelled: bool = False) -> None:
+        self.inputs, self.cancelled = inputs, cancelled
+
+    def is_cancelled(self) -> bool:
+        return self.cancelled
+
+
+class FakeTritonError:
+    INVALID_ARG, INTERNAL, CANCELLED, UNAVAILABLE = "INVALID_ARG", "INTERNAL", "CANCELLED", "U"
+
+    def __init__(self, message: str, code: Any = None) -> None:
+        self.message, self.code = message, code
+
+
+class FakeResponse:
+    def __init__(self, output_tensors: Any = None, error: Any = None) -> None:
+        self.output_tensors, self.error = output_tensors, error
+
+
+class FakePbUtils:
+    """What TritonPythonModel.execute uses of triton_python_backend_utils."""
+
+    TritonError = FakeTritonError
+    InferenceResponse = FakeResponse
+
+    @staticmethod
+    def Tensor(name: str, array: Any) -> FakeTensor:  # noqa: N802 - Triton's name
+        return FakeTensor(name, array)
+
+    @staticmethod
+    def get_input_tensor_by_name(request: FakeRequest, name: str) -> FakeTensor | None:
+        array = request.inputs.get(name)
+        return None if array is None else FakeTensor(name, array)
+
+
+class NoGraphPipeline:
+    """The seed pipeline's validate; generate_many validates again and returns black images
+    with the real parameters, instead of running graphs (the target is request decoding)."""
+
+    def __init__(self, pipeline: Any) -> None:
+        self.pipeline = pipeline
+
+    def validate(self, request: Any) -> Any:
+        return self.pipeline.validate(request)
+
+    def generate_many(self, requests: Any, progress: Any = None, cancel: Any = None) -> Any:
+        import numpy as np
+
+        from sd_deploy.runtime import GenerationResult, ImageParameters
+
+        results = []
+        for request in requests:
+            r = self.pipeline.validate(request)
+            params = ImageParameters(
+                prompt=r.prompt, negative_prompt=r.negative_prompt, seed=r.seed, steps=r.steps,
+                sampler=r.sampler, guidance=r.guidance, width=r.width, height=r.height,
+                strength=r.strength, model="fuzz", backend="none",
+            )  # fmt: skip
+            images = np.zeros((r.batch, r.height, r.width, 3), np.uint8)
+            results.append(GenerationResult(images, [params] * r.batch, {}))
+        return results
+
+
+TRITON_DTYPES = {"bytes": object, "int64": "int64", "int32": "int32", "float32": "float32",
+                 "float64": "float64", "bool": "bool", "uint8": "uint8"}  # fmt: skip
+MAX_REQUEST_ELEMENTS = 1 << 16
+
+
+def _triton_array(spec: Any) -> Any:
+    """{"dtype", "shape", "data"} -> a numpy array as the Python backend hands it over."""
+    import numpy as np
+
+    if not isinstance(spec, dict):
+        return None
+    dtype = TRITON_DTYPES.get(str(spec.get("dtype")), object)
+    shape = spec.get("shape", [1, 1])
+    if not isinstance(shape, list) or not all(isinstance(d, int) and 0 <= d for d in shape):
+        return None
+    count = 1
+    for d in shape[:6]:
+        count *= d
+    if count > MAX_REQUEST_ELEMENTS or len(shape) > 6:
+        return None
+    data = spec.get("data", [])
+    data = data if isinstance(data, list) and data else [data]
+    try:  # a client can send any values of these dtypes; numpy's refusals are not findings
+        if dtype is object:
+            items = [d.encode("utf-8", "surrogatepass") if isinstance(d, str) else d for d in data]
+            flat = np.empty(count, dtype=object)
+            for i in range(count):
+                flat[i] = items[i % len(items)]
+            return flat.reshape(shape)
+        values = np.array([data[i % len(data)] for i in range(count)]).astype(dtype)
+        return values.reshape(shape)
+    except Exception:
+        return None
+
+
+def _triton_seeds() -> list[bytes]:
+    def text(*values: str) -> dict:
+        return {"dtype": "bytes", "shape": [len(values), 1], "data": list(values)}
+
+    def num(dtype: str, *values: float) -> dict:
+        return {"dtype": dtype, "shape": [len(values), 1], "data": list(values)}
+
+    docs = [
+        {"batched": True, "requests": [{"inputs": {"prompt": text("a red circle")}}]},
+        {"batched": True, "requests": [
+            {"inputs": {"prompt": text("a", "b"), "negative_prompt": text("x", "y"),
+                        "seed": num("int64", 1, 2), "steps": num("int32", 2, 3),
+                        "guidance": num("float32", 7.5, 1.0), "width": num("int32", 64, 64),
+                        "height": num("int32", 64, 64), "sampler": text("euler_a", "")}},
+            {"inputs": {"prompt": text("(red:1.2) BREAK circle")}, "cancelled": True},
+        ]},
+        {"batched": False, "requests": [
+            {"inputs": {"prompt": {"dtype": "bytes", "shape": [1], "data": ["one"]},
+                        "seed": {"dtype": "int64", "shape": [1], "data": [5]}}},
+        ]},
+    ]  # fmt: skip
+    return [json.dumps(d).encode() for d in docs]
+
+
+@functools.cache
+def triton_model() -> Any:
+    from sd_deploy.serving.triton_model import PipelineModel, TritonPythonModel
+
+    model = TritonPythonModel()
+    model.pb = FakePbUtils
+    inner = PipelineModel.__new__(PipelineModel)
+    inner.pipeline = NoGraphPipeline(seed_pipeline())
+    inner.max_prompt_chars = 4096
+    inner.batched = True
+    inner.max_rows = 8  # sd-triton export's max_batch_size for an engine dir of batch 1..8
+    model.model = inner
+    return model
+
+
+@target(
+    name="triton",
+    doc="the Triton model's request decoding: TritonPythonModel.execute over fake "
+    "pb_utils requests (missing, extra, wrong-typed, oversized, mis-shaped tensors), in-process, "
+    "graphs not run; every request gets an image or an error response, never INTERNAL",
+    seeds=_triton_seeds,
+    mutate=mutate.mutate_json,
+    modules=("sd_deploy.serving.triton_model",),
+)
+def run_triton(data: bytes, work: Path) -> Any:
+    try:
+        doc = json.loads(data)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("requests"), list):
+        return None
+    requests = []
+    for item in doc["requests"][:8]:
+        if not isinstance(item, dict) or not isinstance(item.get("inputs"), dict):
+            continue
+        inputs = {}
+        for name, spec in list(item["inputs"].items())[:12]:
+            array = _triton_array(spec)
+            if array is not None:
+                inputs[str(name)] = array
+        requests.append(FakeRequest(inputs, bool(item.get("cancelled"))))
+    model = triton_model()
+    model.model.batched = bool(doc.get("batched", True))
+    responses = model.execute(requests)
+    if len(responses) != len(requests):
+        raise AssertionError(f"{len(requests)} requests got {len(responses)} responses")
+    for response in responses:
+        if response.error is not None:
+            message = response.error.message
+            if message.startswith("INTERNAL") or "\n" in message:
+                raise AssertionError(f"error response {message[:300]!r}")
+        elif not response.output_tensors:
+            raise AssertionError("a response with neither outputs nor an error")
