@@ -3,7 +3,10 @@ each in its own process, and report its peak RSS and wall time; then one 1024x10
 through ONNX Runtime CPU with its time per step.
 
     python tools/measure_sdxl_export.py --out /tmp/sdxl-measure [--components unet ...]
-        [--precisions fp32 fp16] [--steps 4] [--no-generate] [--keep]
+        [--precisions fp16 fp32] [--steps 4] [--no-generate] [--keep] [-- SD-EXPORT OPTIONS]
+
+    # the script itself in a minute, on the tiny preset:
+    python tools/measure_sdxl_export.py --out /tmp/xl-try --model tiny-xl --size 128
 
 Each component is one `sd-export --model sdxl --random-weights --component NAME [--fp16]`
 process: `load_models(materialize=...)` builds only the module that component needs (the
@@ -49,11 +52,13 @@ def run_measured(command: list[str], log: Path) -> dict[str, float | int]:
     }
 
 
-def export_one(out: Path, component: str, fp16: bool, extra: list[str]) -> dict[str, object]:
+def export_one(
+    out: Path, model: str, component: str, fp16: bool, extra: list[str]
+) -> dict[str, object]:
     engine = out / ("engines-fp16" if fp16 else "engines-fp32")
     precision = "fp16" if fp16 else "fp32"
     command = [shutil.which("sd-export") or "sd-export"]
-    command += ["--model", "sdxl", "--random-weights", "--component", component]
+    command += ["--model", model, "--random-weights", "--component", component]
     command += ["--out", str(engine), *(["--fp16"] if fp16 else []), *extra]
     log = out / f"export-{component}-{precision}.log"
     result = run_measured(command, log)
@@ -78,7 +83,8 @@ pipe = Pipeline(sys.argv[1], backend="onnxruntime",
 steps = int(sys.argv[2])
 start = time.perf_counter()
 result = pipe.generate(GenerationRequest(prompt="a lighthouse on a cliff at sunset",
-                                         steps=steps, seed=1, width=1024, height=1024))
+                                         steps=steps, seed=1, width=int(sys.argv[4]),
+                                         height=int(sys.argv[4])))
 wall = time.perf_counter() - start
 from sd_deploy.runtime import save_png
 save_png(result.images[0], sys.argv[3], result.parameters[0].infotext())
@@ -88,12 +94,12 @@ print(json.dumps({"wall_s": round(wall, 1), "unet_s_per_step": round(t["unet"] /
 """
 
 
-def generate(out: Path, fp16: bool, steps: int) -> dict[str, object]:
+def generate(out: Path, fp16: bool, steps: int, size: int) -> dict[str, object]:
     engine = out / ("engines-fp16" if fp16 else "engines-fp32")
     precision = "fp16" if fp16 else "fp32"
     log = out / f"generate-{precision}.log"
-    png = out / f"sdxl-1024-{precision}.png"
-    command = [sys.executable, "-c", GENERATE, str(engine), str(steps), str(png)]
+    png = out / f"sdxl-{size}-{precision}.png"
+    command = [sys.executable, "-c", GENERATE, str(engine), str(steps), str(png), str(size)]
     result = run_measured(command, log)
     row: dict[str, object] = {"step": "generate", "precision": precision, "steps": steps}
     row.update(result)
@@ -108,6 +114,8 @@ def generate(out: Path, fp16: bool, steps: int) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default="sdxl", help="sdxl, or tiny-xl to try the script")
+    parser.add_argument("--size", type=int, default=1024, help="Side of the generated image.")
     parser.add_argument("--components", nargs="+", default=list(COMPONENTS))
     parser.add_argument("--precisions", nargs="+", default=["fp16", "fp32"])
     parser.add_argument("--steps", type=int, default=4)
@@ -120,14 +128,14 @@ def main() -> None:
     rows = []
     for precision in args.precisions:
         for component in args.components:
-            row = export_one(args.out, component, precision == "fp16", args.extra)
+            row = export_one(args.out, args.model, component, precision == "fp16", args.extra)
             rows.append(row)
             with report.open("a") as f:
                 f.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
         complete = {"text_encoder", "text_encoder_2", "unet", "vae_decoder"} <= set(args.components)
         if not args.no_generate and complete:
-            row = generate(args.out, precision == "fp16", args.steps)
+            row = generate(args.out, precision == "fp16", args.steps, args.size)
             rows.append(row)
             with report.open("a") as f:
                 f.write(json.dumps(row) + "\n")
