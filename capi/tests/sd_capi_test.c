@@ -6,16 +6,18 @@
  *
  *   sd_capi_test [--steps N] [--backend NAME] ENGINE_DIR OUT_DIR [CASE ...]
  *
- * Cases: txt2img img2img batch2 defaults errors threads python_missing (the last only on
+ * Cases: txt2img img2img batch2 defaults errors threads gil python_missing (the last only on
  * request: it expects the interpreter to be unusable). Exit status 0 when every check
  * passed. Requests use 20 steps unless --steps says otherwise, and the "auto" backend
  * unless --backend names one (the sanitizer run needs ONNX Runtime: OpenVINO's TBB loads
  * with RTLD_DEEPBIND, which AddressSanitizer refuses).
  */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime, pthread_cond_timedwait */
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "sd_deploy.h"
 
@@ -368,6 +370,81 @@ static void case_threads(void) {
   }
 }
 
+/* ---------------------------------------------------------------- the GIL */
+
+/* While pipeline A's progress callback runs, a whole generation on pipeline B must be able
+   to run: the library releases the interpreter lock around the callback. If it did not,
+   B would wait for A's callback, which waits for B (bounded here by a timeout). */
+typedef struct {
+  sd_pipeline *other;
+  pthread_t thread;
+  int started;
+  pthread_mutex_t lock;
+  pthread_cond_t done_cond;
+  int done;
+  sd_status other_status;
+  int finished_inside_callback;
+  uint8_t rgb[64 * 64 * 3];
+} gil_state;
+
+static void *gil_other_thread(void *arg) {
+  gil_state *g = arg;
+  sd_request req = base_request("a white square on a gray background", 5);
+  req.steps = 2;
+  sd_status s = sd_generate(g->other, &req, g->rgb, sizeof g->rgb, NULL, NULL, NULL);
+  pthread_mutex_lock(&g->lock);
+  g->other_status = s;
+  g->done = 1;
+  pthread_cond_signal(&g->done_cond);
+  pthread_mutex_unlock(&g->lock);
+  return NULL;
+}
+
+static int gil_progress(int step, int total, void *user) {
+  (void)total;
+  gil_state *g = user;
+  if (step != 0) return 0;
+  if (pthread_create(&g->thread, NULL, gil_other_thread, g) != 0) return 0;
+  g->started = 1;
+  struct timespec until;
+  clock_gettime(CLOCK_REALTIME, &until);
+  until.tv_sec += 120;
+  pthread_mutex_lock(&g->lock);
+  while (!g->done) {
+    if (pthread_cond_timedwait(&g->done_cond, &g->lock, &until) != 0) break;
+  }
+  g->finished_inside_callback = g->done;
+  pthread_mutex_unlock(&g->lock);
+  return 0; /* joined after sd_generate: if the GIL were held, B runs only after that */
+}
+
+static void case_gil(void) {
+  static gil_state g;
+  pthread_mutex_init(&g.lock, NULL);
+  pthread_cond_init(&g.done_cond, NULL);
+  sd_pipeline *p = open_pipeline();
+  g.other = open_pipeline();
+  if (p && g.other) {
+    uint8_t *rgb = malloc(64 * 64 * 3);
+    sd_request req = base_request("a black star on a white background", 6);
+    req.steps = 2;
+    req.progress = gil_progress;
+    req.progress_user = &g;
+    sd_status s = sd_generate(p, &req, rgb, 64 * 64 * 3, NULL, NULL, NULL);
+    if (g.started) pthread_join(g.thread, NULL);
+    CHECK(g.started, "the progress callback was not called");
+    CHECK(s == SD_OK, "generation around the callback: %s", sd_status_name(s));
+    CHECK(g.other_status == SD_OK, "the other pipeline: %s", sd_status_name(g.other_status));
+    CHECK(g.finished_inside_callback,
+          "the other pipeline could not generate while a progress callback ran (GIL held?)");
+    free(rgb);
+  }
+  sd_pipeline_free(g.other);
+  sd_pipeline_free(p);
+  pthread_cond_destroy(&g.done_cond);
+  pthread_mutex_destroy(&g.lock);
+}
+
 /* ---------------------------------------------------------------- main */
 
 typedef struct {
@@ -380,6 +457,7 @@ static const test_case cases[] = {
     {"txt2img", case_txt2img, 1},   {"img2img", case_img2img, 1},
     {"batch2", case_batch2, 1},     {"defaults", case_defaults, 1},
     {"errors", case_errors, 1},     {"threads", case_threads, 1},
+    {"gil", case_gil, 1},
     {"python_missing", case_python_missing, 0},
 };
 

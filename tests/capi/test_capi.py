@@ -57,6 +57,8 @@ def c_results(capi_build, default_engine_dir, clean_env, tmp_path_factory) -> Pa
         "errors",
         "ok",
         "threads",
+        "ok",
+        "gil",
     ]
     return out
 
