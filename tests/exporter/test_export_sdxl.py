@@ -107,3 +107,32 @@ def test_finalize_streams_external_tensors_into_one_aligned_file(tmp_path, monke
     x = rng.standard_normal((2, 16)).astype(np.float32)
     got = ort.InferenceSession(str(final)).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, x @ weights[0] @ weights[1] @ weights[2], rtol=1e-5)
+
+
+def test_big_fp32_references_are_parked_on_disk_during_an_fp16_export(tmp_path, monkeypatch):
+    """Past SPILL_BYTES (the full-size SDXL UNet) the fp32 module leaves memory while its fp16
+    copy is traced and packed, and comes back unchanged for validation (threshold 0 here)."""
+    import torch
+
+    from sd_deploy.exporter import export as export_code
+
+    models = load_models("tiny-xl", random_init=True, seed=4)
+    before = {k: v.clone() for k, v in models.unet.state_dict().items()}
+    seen = []
+    spill = export_code.spill_reference
+
+    def spy(reference, path):
+        seen.append(spill(reference, path))
+        assert all(p.is_meta for p in reference.parameters())  # freed while tracing
+        return seen[-1]
+
+    monkeypatch.setattr(export_code, "SPILL_BYTES", 0)
+    monkeypatch.setattr(export_code, "spill_reference", spy)
+    manifest = export_engine_dir(
+        models, tmp_path / "e", components=["unet"], fp16=True, progress=False
+    )
+    assert seen and seen[0] is not None and not seen[0].exists()
+    assert manifest.components["unet"].validation["validated"]
+    after = models.unet.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert not list((tmp_path / "e").glob(".*safetensors"))
