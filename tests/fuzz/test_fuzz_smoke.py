@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("torch", reason="the checkpoint and LoRA targets need the export extra")
+
 from sd_deploy.errors import UserError
 from tools.fuzz import engine
 from tools.fuzz.targets import TARGETS, Target
