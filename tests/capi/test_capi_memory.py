@@ -134,8 +134,8 @@ def valgrind_errors_in_our_code(xml_file: Path) -> list[str]:
 
 @pytest.mark.skipif(
     os.environ.get("SD_DEPLOY_VALGRIND") != "1",
-    reason="valgrind takes 7 CPU minutes (20 min wall on a busy 2-core machine): ONNX Runtime "
-    "under emulation; run it with SD_DEPLOY_VALGRIND=1 pytest tests/capi -k valgrind",
+    reason="valgrind takes 7 CPU minutes (9-20 min wall on a shared 2-core machine): ONNX "
+    "Runtime under emulation; run it with SD_DEPLOY_VALGRIND=1 pytest tests/capi -k valgrind",
 )
 def test_c_test_under_valgrind_finds_nothing_in_our_code(
     capi_build, default_engine_dir, clean_env, tmp_path
