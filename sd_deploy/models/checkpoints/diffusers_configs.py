@@ -186,6 +186,10 @@ def _parsed(parse: Any, path: Path) -> Any:
     a list of channels belongs, fewer head counts than blocks, a zero width) is one line."""
     try:
         return parse(read_json(path), path)
+    except CheckpointError as e:  # messages quote the file's values: keep them one short line
+        if len(str(e)) <= 400:
+            raise
+        raise CheckpointError(one_line(e, 400)) from e
     except (TypeError, ValueError, IndexError, KeyError, AttributeError, ZeroDivisionError) as e:
         raise CheckpointError(f"{path}: malformed config ({one_line(e)})") from e
 
