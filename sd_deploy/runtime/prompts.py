@@ -88,6 +88,10 @@ _ITEM = re.compile(
 _BREAK_SPLIT = re.compile(r"\s*\bBREAK\b\s*", re.DOTALL)
 
 
+# Larger weights overflow the float32 context (and mean nothing): refused, not drawn as NaN.
+MAX_WEIGHT = 1e6
+
+
 def parse_emphasis(text: str) -> list[tuple[str, float]]:
     """A1111's `parse_prompt_attention`: `text` -> [(piece, weight), ...] (see module doc).
 
@@ -138,6 +142,12 @@ def parse_emphasis(text: str) -> list[tuple[str, float]]:
         scale_from(start, _SQUARE)
     if not pieces:
         return [("", 1.0)]
+    for text_piece, weight in pieces:
+        if not abs(weight) <= MAX_WEIGHT:  # e.g. 8000 unclosed "(": 1.1 ** 8000 (or NaN)
+            raise RequestError(
+                f"prompt emphasis gives {_shorten(text_piece or '(empty)', 30)!r} the weight "
+                f"{weight}: too many nested brackets or too large a (word:weight)"
+            )
     merged: list[list] = [pieces[0]]
     for piece in pieces[1:]:
         if piece[1] == merged[-1][1]:
