@@ -109,8 +109,14 @@ class LoraLayer:
         """`scale * up @ down` shaped like the target weight, float32."""
         down = np.asarray(self.down, dtype=np.float32).reshape(self.rank, -1)
         up = np.asarray(self.up, dtype=np.float32).reshape(self.up.shape[0], -1)
+        scale = np.float32(self.scale(user_scale))
+        # float32 overflow is possible only above this bound; checking it is cheaper than
+        # checking the product (weights of 1e30 in a file are finite and still garbage)
+        bound = float(np.abs(up).max(initial=0)) * float(np.abs(down).max(initial=0))
         product = up @ down
-        product *= np.float32(self.scale(user_scale))
+        product *= scale
+        if bound * abs(float(scale)) * max(self.rank, 1) > 1e37 and not np.isfinite(product).all():
+            raise LoraError(f"LoRA layer {self.key[:80]} overflows float32 (up @ down too large)")
         return product.reshape(shape)
 
     def shape_problem(self, shape: tuple[int, ...]) -> str | None:
