@@ -130,7 +130,7 @@ class PipelineModel:
                     value, int | float | np.integer | np.floating
                 ):
                     raise RequestError(f"{name} must be a number, got {type(value).__name__}")
-                if not np.isfinite(value):
+                if isinstance(value, float | np.floating) and not np.isfinite(value):
                     raise RequestError(f"{name} must be a finite number, got {value}")
                 fields[name] = kind(value)
         if fields.get("sampler") == "":
