@@ -110,12 +110,15 @@ class LoraLayer:
         down = np.asarray(self.down, dtype=np.float32).reshape(self.rank, -1)
         up = np.asarray(self.up, dtype=np.float32).reshape(self.up.shape[0], -1)
         scale = np.float32(self.scale(user_scale))
+        if not np.isfinite(scale):  # an alpha of 1e39: finite in float64, not in float32
+            raise LoraError(f"LoRA layer {self.key[:80]} has an alpha too large for float32")
         # float32 overflow is possible only above this bound; checking it is cheaper than
         # checking the product (weights of 1e30 in a file are finite and still garbage)
         bound = float(np.abs(up).max(initial=0)) * float(np.abs(down).max(initial=0))
         product = up @ down
         product *= scale
-        if bound * abs(float(scale)) * max(self.rank, 1) > 1e37 and not np.isfinite(product).all():
+        reach = bound * max(self.rank, 1) * max(abs(float(scale)), 1.0)  # up @ down, then scaled
+        if reach > 1e37 and not np.isfinite(product).all():
             raise LoraError(f"LoRA layer {self.key[:80]} overflows float32 (up @ down too large)")
         return product.reshape(shape)
 
