@@ -48,6 +48,9 @@ def _weight_files(folder: Path, name: str) -> list[Path]:
                     weight_map = read_json(index).get("weight_map")
                     if not isinstance(weight_map, dict) or not weight_map:
                         raise CheckpointError(f"{index} has no weight_map")
+                    for f in weight_map.values():  # shard file names in this folder
+                        if not isinstance(f, str) or Path(f).name != f or f in ("", ".", ".."):
+                            raise CheckpointError(f"{index} names {str(f)[:60]!r}, not a file here")
                     files = [folder / f for f in sorted(set(weight_map.values()))]
                     for f in files:
                         if not f.is_file():
