@@ -46,9 +46,11 @@ from sd_deploy.engine_dir.lora import (
 )
 
 LORA_COMPONENTS = ("unet", "text_encoder")
-# Patched session sets kept loaded at once (each holds a full copy of the patched
-# components' sessions); the base sessions are kept besides these.
-DEFAULT_MAX_LORA_SETS = 2
+# Patched session sets kept loaded at once, besides the base sessions. Each holds new
+# sessions of the patched components: a LoRA over every SD 1.5 layer costs ~11 GiB on the
+# CPU (fp32, measured), so one by default; raise `Pipeline.lora.cache.max_sets` to
+# alternate between sets without reloading.
+DEFAULT_MAX_LORA_SETS = 1
 
 LoraSetKey = tuple[tuple[str, float], ...]  # ((file sha256, scale), ...) in request order
 

@@ -86,6 +86,7 @@ def test_switching_matches_the_merged_export_and_back_is_bit_exact(dirs) -> None
         assert np.array_equal(back, base)  # the base sessions were never touched
 
         # two sets kept (LRU of 2), alternating: each image is what that set gives
+        pipe.lora.cache.max_sets = 2
         again = pipe.generate(request(loras=[f"{other}:0.5"])).images
         assert not np.array_equal(again, base)
         assert np.array_equal(pipe.generate(request(loras=[(style, SCALE)])).images, styled.images)
