@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import click
 
+from sd_deploy.engine_dir.layout import COMPONENTS
 from sd_deploy.errors import UserError
 from sd_deploy.runtime.schedulers import SAMPLERS
 
@@ -86,7 +87,7 @@ engine_option = click.option(
     help="Engine dir made by sd-export (and sd-build).",
 )
 
-COMPONENT_CHOICES = ["all", "text_encoder", "unet", "vae_decoder", "vae_encoder"]
+COMPONENT_CHOICES = ["all", *COMPONENTS]
 
 
 # ---------------------------------------------------------------------------- sd-export
