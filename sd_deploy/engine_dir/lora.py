@@ -197,9 +197,12 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
     except (UnicodeDecodeError, ValueError) as e:
         raise LoraError(f"LoRA {path} is not a safetensors file (header: {e})") from None
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise LoraError(f"LoRA {path} is not a safetensors file (__metadata__ is not an object)")
     body = memoryview(data)[8 + n :]
     tensors: dict[str, np.ndarray] = {}
-    for key, info in header.items():
+    for name, info in header.items():
+        key = name if len(name) <= 80 else name[:77] + "..."  # for messages
         try:
             dtype = _DTYPES[info["dtype"]]
             start, end = (int(x) for x in info["data_offsets"])
@@ -213,11 +216,13 @@ def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]
             )
         count = int(np.prod(shape)) if shape else 1
         if (end - start) != count * np.dtype(dtype).itemsize:
-            raise LoraError(f"LoRA {path}: tensor {key} size does not match its shape {shape}")
+            raise LoraError(
+                f"LoRA {path}: tensor {key} size does not match its shape {str(shape)[:60]}"
+            )
         array: np.ndarray = np.frombuffer(body[start:end], dtype=dtype).reshape(shape)
         if info["dtype"] == "BF16":
             array = (array.astype(np.uint32) << 16).view(np.float32)
-        tensors[key] = array
+        tensors[name] = array
     return tensors, {str(k): str(v) for k, v in metadata.items()}
 
 
