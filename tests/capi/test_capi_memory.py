@@ -11,7 +11,6 @@ made by our code.
 
 from __future__ import annotations
 
-import gc
 import os
 import re
 import shutil
@@ -20,7 +19,6 @@ import sysconfig
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import numpy as np
 import pytest
 from capi_support import CAPI, cmake_configure, missing_toolchain, run
 
@@ -165,48 +163,61 @@ def test_c_test_under_valgrind_finds_nothing_in_our_code(
 # ------------------------------------------------------------- Python objects, in-process
 
 
-@pytest.fixture(scope="module")
-def capi_ctypes():
-    sys.path.insert(0, str(CAPI / "python"))
-    try:
-        import sd_capi_ctypes
-    finally:
-        sys.path.pop(0)
-    return sd_capi_ctypes
+LEAK_CHECK = """
+import gc, sys
+import numpy as np
+sys.path.insert(0, sys.argv[3])
+import sd_capi_ctypes
+from sd_deploy.runtime import GenerationRequest, Pipeline
+
+build, engine = sys.argv[1], sys.argv[2]
+lib = sd_capi_ctypes.load(build)
+pipe = sd_capi_ctypes.CPipeline(lib, engine)
+try:
+    out = np.zeros((1, 64, 64, 3), np.uint8)
+    good = pipe.request("a red circle on a white background", seed=4, steps=2)
+    bad = pipe.request("a red circle on a white background", width=500)
+
+    def calls():
+        assert pipe.generate_into(good, out) == 0, pipe.last_error()
+        assert pipe.generate_into(bad, out) == 1
+        assert lib.sd_output_bytes(pipe.handle, good) == out.nbytes
+
+    for _ in range(3):  # warm: caches, first loads, lazy imports
+        calls()
+    gc.collect()
+    before = len(gc.get_objects())
+    for _ in range(20):
+        calls()
+    gc.collect()
+    grown = len(gc.get_objects()) - before
+    assert grown < 20, f"{grown} more Python objects after 20 rounds of calls"
+    with Pipeline(engine) as python_pipe:
+        want = python_pipe.generate(
+            GenerationRequest(prompt="a red circle on a white background", seed=4, steps=2)
+        )
+    assert out.tobytes() == want.images.tobytes()
+finally:
+    pipe.close()
+"""
 
 
-def test_no_python_objects_leak_over_many_calls(capi_build, default_engine_dir, capi_ctypes):
+def test_no_python_objects_leak_over_many_calls(capi_build, default_engine_dir):
     """Inside a running interpreter (the library reuses it): calls that succeed and calls
-    that fail leave no Python objects behind, and images equal Pipeline.generate's."""
-    from sd_deploy.runtime import GenerationRequest, Pipeline
+    that fail leave no Python objects behind, and images equal Pipeline.generate's.
 
+    In a child interpreter of its own, not pytest's: the library then shares that
+    interpreter's heap, and whatever it did would otherwise surface in unrelated tests."""
     if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
         pytest.skip("this python links libpython statically: the library would load a second one")
-    lib = capi_ctypes.load(capi_build)
-    pipe = capi_ctypes.CPipeline(lib, default_engine_dir)
-    try:
-        out = np.zeros((1, 64, 64, 3), np.uint8)
-        good = pipe.request("a red circle on a white background", seed=4, steps=2)
-        bad = pipe.request("a red circle on a white background", width=500)
-
-        def calls() -> None:
-            assert pipe.generate_into(good, out) == 0, pipe.last_error()
-            assert pipe.generate_into(bad, out) == 1
-            assert lib.sd_output_bytes(pipe.handle, good) == out.nbytes
-
-        for _ in range(3):  # warm: caches, first loads, lazy imports
-            calls()
-        gc.collect()
-        before = len(gc.get_objects())
-        for _ in range(20):
-            calls()
-        gc.collect()
-        grown = len(gc.get_objects()) - before
-        assert grown < 20, f"{grown} more Python objects after 20 rounds of calls"
-        with Pipeline(default_engine_dir) as python_pipe:
-            want = python_pipe.generate(
-                GenerationRequest(prompt="a red circle on a white background", seed=4, steps=2)
-            )
-        assert out.tobytes() == want.images.tobytes()
-    finally:
-        pipe.close()
+    done = run(
+        [
+            sys.executable,
+            "-c",
+            LEAK_CHECK,
+            str(capi_build),
+            str(default_engine_dir),
+            str(CAPI / "python"),
+        ]
+    )
+    assert done.returncode == 0, done.stdout + done.stderr[-4000:]
