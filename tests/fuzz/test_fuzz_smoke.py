@@ -14,9 +14,7 @@ import pytest
 
 pytest.importorskip("torch", reason="the checkpoint and LoRA targets need the export extra")
 
-from sd_deploy.errors import UserError
-from tools.fuzz import engine
-from tools.fuzz.targets import TARGETS, Target
+from tools.fuzz.targets import TARGETS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,36 +65,9 @@ def test_fuzz_target_smoke(name: str) -> None:
     )
 
 
-def _fake(run, allowed=lambda: (UserError,), time_limit: float = 1.0) -> Target:
-    return Target("fake", "", run, lambda: [b"x"], lambda d, r: d, (), allowed, time_limit)
-
-
-def test_oracle_flags_what_it_should(tmp_path: Path) -> None:
-    def raise_(exc: BaseException):
-        def run(data: bytes, work: Path) -> None:
-            raise exc
-
-        return run
-
-    def slow(data: bytes, work: Path) -> None:
-        while True:
-            pass
-
-    def payload(data: bytes, work: Path) -> None:
-        from tools.fuzz import targets
-
-        targets.payload_ran()
-
-    ok = engine.check(_fake(raise_(UserError("one line"))), b"", tmp_path)
-    assert ok is None
-    assert engine.check(_fake(lambda d, w: None), b"", tmp_path) is None
-    cases = {
-        "exception": _fake(raise_(KeyError("k"))),
-        "message": _fake(raise_(UserError("two\nlines"))),
-        "timeout": _fake(slow, time_limit=0.2),
-        "memory": _fake(raise_(MemoryError())),
-        "payload": _fake(payload),
-    }
-    for kind, target in cases.items():
-        finding = engine.check(target, b"", tmp_path)
-        assert finding is not None and finding.kind == kind, (kind, finding)
+def test_oracle_flags_what_it_should() -> None:
+    """oracle_cases.py in a pytest of its own (its docstring says why)."""
+    cases = Path(__file__).resolve().parent / "oracle_cases.py"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(cases)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and " passed" in done.stdout, done.stdout[-4000:] + done.stderr
