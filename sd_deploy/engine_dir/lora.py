@@ -37,6 +37,8 @@ from sd_deploy.errors import CheckpointError
 LORA_SUFFIXES = (".safetensors",)
 # Beside each LoRA-ready component's graph: which initializer holds each target weight.
 LORA_TARGETS_NAME = "lora_targets.json"
+# The components a LoRA patches, so the ones `--lora-ready` keeps targets for.
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 COMPONENT_PREFIXES = {
     "lora_unet_": "unet",
@@ -105,8 +107,12 @@ class LoraLayer:
         alpha = self.rank if self.alpha is None else self.alpha
         return alpha / self.rank * user_scale
 
-    def delta(self, shape: tuple[int, ...], user_scale: float) -> np.ndarray:
-        """`scale * up @ down` shaped like the target weight, float32."""
+    def delta(
+        self, shape: tuple[int, ...], user_scale: float, transpose: bool = False
+    ) -> np.ndarray:
+        """`scale * up @ down` shaped like the target weight, float32; with `transpose`, the
+        2-D transpose of that (a Linear exported as MatMul keeps [in, out]), computed in that
+        layout: a transposed view added to a weight costs a strided pass over it."""
         down = np.asarray(self.down, dtype=np.float32).reshape(self.rank, -1)
         up = np.asarray(self.up, dtype=np.float32).reshape(self.up.shape[0], -1)
         scale = np.float32(self.scale(user_scale))
@@ -115,12 +121,12 @@ class LoraLayer:
         # float32 overflow is possible only above this bound; checking it is cheaper than
         # checking the product (weights of 1e30 in a file are finite and still garbage)
         bound = float(np.abs(up).max(initial=0)) * float(np.abs(down).max(initial=0))
-        product = up @ down
-        product *= scale
+        up = up * scale  # [out, rank]: scaling the small factor, not the product
+        product = down.T @ up.T if transpose else up @ down
         reach = bound * max(self.rank, 1) * max(abs(float(scale)), 1.0)  # up @ down, then scaled
         if reach > 1e37 and not np.isfinite(product).all():
             raise LoraError(f"LoRA layer {self.key[:80]} overflows float32 (up @ down too large)")
-        return product.reshape(shape)
+        return product.reshape(shape[::-1] if transpose else shape)  # transposed: 2-D only
 
     def shape_problem(self, shape: tuple[int, ...]) -> str | None:
         """Why this pair cannot be added to a weight of `shape`, or None."""

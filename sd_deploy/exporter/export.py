@@ -17,6 +17,7 @@ from sd_deploy.engine_dir import shapes
 from sd_deploy.engine_dir.atomic import staged_dir
 from sd_deploy.engine_dir.hashing import files_sha256
 from sd_deploy.engine_dir.layout import COMPONENTS, TOKENIZER_2_DIR
+from sd_deploy.engine_dir.lora import LORA_COMPONENTS
 from sd_deploy.engine_dir.manifest import (
     CONTEXT_CHUNK,
     ComponentSpec,
@@ -36,7 +37,7 @@ from sd_deploy.exporter.components import (
     component_graphs,
     sample_inputs,
 )
-from sd_deploy.exporter.lora_ready import LORA_COMPONENTS, prepare_lora_ready
+from sd_deploy.exporter.lora_ready import prepare_lora_ready
 from sd_deploy.exporter.onnx_export import export_module, export_onnx, finalize_onnx
 from sd_deploy.exporter.output_dir import (
     existing_manifest,

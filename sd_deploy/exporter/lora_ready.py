@@ -13,6 +13,7 @@ by value (W or W^T, in the initializer's dtype) and recorded with how it is stor
        "targets": {target: {"initializer", "transpose", "dtype", "shape",
                             "file", "offset", "length"}},
        "unmapped": [targets found in no initializer, or in one shared with another],
+       "unused": [targets of modules the graph never runs (SDXL CLIP-L's last layer)],
        "initializers": {name: {"dtype", "shape", "file", "offset", "length"}}}
 
 The weights go to external data (`model.onnx_data`) so that the runtime reads the base
@@ -35,7 +36,6 @@ from sd_deploy.models.lora import lora_modules, target_table
 
 LORA_TARGETS_SCHEMA = 1
 EXTERNAL_DATA_NAME = "model.onnx_data"
-LORA_COMPONENTS = ("unet", "text_encoder")
 FLOATS = {np.dtype(np.float32), np.dtype(np.float16)}
 
 
@@ -60,9 +60,14 @@ def prepare_lora_ready(onnx_path: Path, models: LoadedModels, component: str) ->
     onnx_path = Path(onnx_path)
     model = onnx.load(str(onnx_path), load_external_data=True)
     table = target_table(models)
+    modules = lora_modules(models)[component]
+    unused_modules = getattr(getattr(models, component), "unused_modules", tuple)()
+    dead = {id(m) for unused in unused_modules for m in unused.modules()}
+    unused = sorted(target for target, module in modules.items() if id(module) in dead)
     weights = {
         target: module.weight.detach().float().cpu().numpy()
-        for target, module in lora_modules(models)[component].items()
+        for target, module in modules.items()
+        if id(module) not in dead
     }
     dtypes = {
         np.dtype(onnx.helper.tensor_dtype_to_np_dtype(i.data_type)) for i in model.graph.initializer
@@ -138,6 +143,7 @@ def prepare_lora_ready(onnx_path: Path, models: LoadedModels, component: str) ->
         "shapes": data["shapes"].get(component, {}),
         "targets": targets,
         "unmapped": sorted(unmapped),
+        "unused": unused,
         # every weight by name, for a TensorRT refit that asks for more than the LoRA touched
         "initializers": {n: r for n, r in records.items() if r["file"] is not None},
     }

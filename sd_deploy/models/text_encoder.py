@@ -83,6 +83,11 @@ class PenultimateTextEncoder(TextEncoder):
         out = self.model(input_ids=input_ids.long(), output_hidden_states=True)
         return out.hidden_states[-2]
 
+    def unused_modules(self) -> tuple[nn.Module, ...]:
+        """What the exported graph never runs (the last layer): kohya's SDXL LoRAs carry
+        pairs for it (`lora_te1_..._layers_11_`), which change nothing."""
+        return (getattr(self.model, "text_model", self.model).encoder.layers[-1],)
+
 
 class ProjectedTextEncoder(nn.Module):
     """SDXL's second tower (`conditioner.embedders.1`, OpenCLIP ViT-bigG) as transformers'

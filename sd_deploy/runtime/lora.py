@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from sd_deploy.engine_dir.lora import (
+    LORA_COMPONENTS,
     LORA_TARGETS_NAME,
     LoraError,
     LoraFile,
@@ -45,7 +46,6 @@ from sd_deploy.engine_dir.lora import (
     resolve,
 )
 
-LORA_COMPONENTS = ("unet", "text_encoder")
 # Patched session sets kept loaded at once, besides the base sessions. Each holds new
 # sessions of the patched components: a LoRA over every SD 1.5 layer costs ~11 GiB on the
 # CPU (fp32, measured), so one by default; raise `Pipeline.lora.cache.max_sets` to
@@ -73,6 +73,7 @@ class ComponentTargets:
         self.component = component
         self.targets: dict[str, dict[str, Any]] = dict(data["targets"])
         self.unmapped = set(data.get("unmapped", ()))
+        self.unused = set(data.get("unused", ()))  # weights the graph never reads
         self.data = data
         self._maps: dict[str, np.memmap] = {}
 
@@ -111,19 +112,22 @@ class ComponentTargets:
         raw = self._maps[file][record["offset"] : record["offset"] + record["length"]]
         return raw.view(np.dtype(record["dtype"])).reshape(record["shape"])
 
-    def patched(self, deltas: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """initializer name -> base + delta, in the initializer's layout and dtype."""
-        return dict(self.patch(target, delta) for target, delta in deltas.items())
-
-    def patch(self, target: str, delta: np.ndarray) -> tuple[str, np.ndarray]:
-        """(initializer name, base + delta) for one target, float32 sum cast to its dtype."""
+    def patch(
+        self, target: str, shape: tuple[int, ...], layers: Sequence[ResolvedLayer]
+    ) -> tuple[str, np.ndarray]:
+        """(initializer name, base + the layers' summed deltas) for one target (`shape`: its
+        module weight's), in the initializer's layout and dtype. The deltas are computed in
+        that layout and the base is added into them in place, in float32: one read of each
+        weight, one array written."""
         record = self.targets[target]
         base = self.base(target)
-        update = (delta.T if record["transpose"] else delta).reshape(base.shape)
-        if base.dtype == np.float32:
-            return record["initializer"], np.add(base, update, dtype=np.float32)
-        merged = np.add(base.astype(np.float32), update, dtype=np.float32)
-        return record["initializer"], merged.astype(base.dtype)
+        transpose = bool(record["transpose"])
+        merged = layers[0].layer.delta(shape, layers[0].user_scale, transpose)
+        for r in layers[1:]:
+            merged += r.layer.delta(shape, r.user_scale, transpose)
+        merged = merged.reshape(base.shape)
+        np.add(merged, base, out=merged)
+        return record["initializer"], merged.astype(base.dtype, copy=False)
 
 
 class LoraLibrary:
@@ -172,6 +176,8 @@ class LoraLibrary:
         files = [self.read(spec.path) for spec in specs]
         table = self.table()
         resolved = resolve(((f, s.scale) for (f, _), s in zip(files, specs, strict=True)), table)
+        # a pair on a weight the graph never reads changes nothing, merged or switched
+        resolved = [r for r in resolved if r.target not in self.components[r.component].unused]
         for r in resolved:
             targets = self.components[r.component]
             if r.target not in targets.targets:
@@ -194,12 +200,9 @@ class LoraLibrary:
         for r in resolved:
             layers.setdefault((r.component, r.target), []).append(r)
         result: dict[str, dict[str, np.ndarray]] = {}
-        for (component, target), group in layers.items():  # one target's delta at a time
+        for (component, target), group in layers.items():  # one target at a time
             shape = table.shapes[component][target]
-            delta = group[0].layer.delta(shape, group[0].user_scale)
-            for r in group[1:]:
-                delta += r.layer.delta(shape, r.user_scale)
-            name, array = self.components[component].patch(target, delta)
+            name, array = self.components[component].patch(target, shape, group)
             result.setdefault(component, {})[name] = array
         return result
 

@@ -56,13 +56,17 @@ def pair(module: nn.Module, rank: int, g: torch.Generator, magnitude: float):
 
 
 def names(models: LoadedModels, component: str, target: str) -> tuple[str, str]:
-    """(kohya name, diffusers module name) of a target weight."""
+    """(kohya name, diffusers module name) of a target weight; SDXL's towers are kohya's
+    lora_te1_ / lora_te2_."""
     if component == "unet":
         module = unet_key_to_diffusers(target, models.config.unet.num_res_blocks)
         module = module.removesuffix(".weight")
         return "lora_unet_" + module.replace(".", "_"), "unet." + module
     module = "text_model." + text_bare(target.removesuffix(".weight"))
-    return "lora_te_" + module.replace(".", "_"), "text_encoder." + module
+    module = module.replace("text_model.text_projection", "text_projection")
+    two_towers = getattr(models, "text_encoder_2", None) is not None
+    prefix = {"text_encoder": "lora_te1_" if two_towers else "lora_te_"}.get(component, "lora_te2_")
+    return prefix + module.replace(".", "_"), f"{component}.{module}"
 
 
 _PROCESSOR = {

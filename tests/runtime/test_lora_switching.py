@@ -251,3 +251,35 @@ def test_refit_after_a_reload_starts_from_base(dirs) -> None:
         session.engine = None  # closed (keep_loaded=False)
     loras.select([])
     assert calls == []
+
+
+def test_sdxl_switches_both_text_towers_and_the_unet(tmp_path) -> None:
+    """tiny-xl: a kohya SDXL LoRA (lora_unet_, lora_te1_, lora_te2_) applied at run time
+    gives the merged export's images; text_encoder_2 gets its own patched session."""
+    from sd_deploy.exporter import export_engine_dir
+    from sd_deploy.models import load_models
+    from sd_deploy.models.lora import LoraSpec, merge_loras
+
+    models = load_models("tiny-xl", random_init=True, seed=5)
+    style = write_lora(tmp_path / "xl.safetensors", models, "kohya", rank=4, every=True,
+                       components=("unet", "text_encoder", "text_encoder_2"),
+                       magnitude=0.08)  # fmt: skip
+    names = ["text_encoder", "text_encoder_2", "unet", "vae_decoder"]
+    base, merged = tmp_path / "base", tmp_path / "merged"
+    export_engine_dir(models, base, components=names, lora_ready=True, progress=False,
+                      validate=False)  # fmt: skip
+    assert (base / "text_encoder_2" / "lora_targets.json").is_file()
+    applied = merge_loras(models, [LoraSpec(style, SCALE)])
+    export_engine_dir(models, merged, components=names, progress=False, validate=False,
+                      loras=[a.to_dict() for a in applied])  # fmt: skip
+    xl = {"width": 128, "height": 128, "steps": 4, "batch": 1}
+    with Pipeline(merged, backend="onnxruntime-cpu") as pipe:
+        want = pipe.generate(request(**xl)).images
+    with Pipeline(base, backend="onnxruntime-cpu") as pipe:
+        plain = pipe.generate(request(**xl)).images
+        styled = pipe.generate(request(**xl, loras=[(style, SCALE)])).images
+        assert set(pipe.lora.cache.get(pipe.lora.key, dict)) >= {"text_encoder_2", "unet"}
+        assert np.array_equal(pipe.generate(request(**xl)).images, plain)
+    quality, effect = psnr(styled / 255.0, want / 255.0), psnr(plain / 255.0, want / 255.0)
+    print(f"SDXL run-time LoRA vs merged: PSNR {quality:.1f} dB (base vs merged {effect:.1f})")
+    assert quality >= 40.0 and effect < 30.0
