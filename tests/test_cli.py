@@ -166,12 +166,13 @@ def test_run_warns_in_one_line_about_a_truncated_prompt(tmp_path, tiny_engine_fp
         ("run_command", "Generate images from an engine dir"),
         ("bench_command", "Parity and latency"),
         ("triton_group", "Serve engine dirs with NVIDIA Triton"),
-        ("triton_export_command", "Write a Triton model repository"),
-        ("triton_serve_command", "Run tritonserver on the repository"),
+        ("triton.triton_export_command", "Write a Triton model repository"),
+        ("triton.triton_serve_command", "Run tritonserver on the repository"),
     ],
 )
 def test_every_command_describes_itself(command, first_line):
-    r = CliRunner().invoke(getattr(cli, command), ["--help"])
+    module, _, name = command.rpartition(".")
+    r = CliRunner().invoke(getattr(getattr(cli, module) if module else cli, name), ["--help"])
     assert r.exit_code == 0
     description = r.output.split("\n\n")[1].strip()
     assert description.startswith(first_line), description
