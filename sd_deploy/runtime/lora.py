@@ -25,6 +25,7 @@ import os
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,16 +194,24 @@ class LoraLibrary:
         ]
         return key, resolved, infos
 
-    def patches(self, resolved: Iterable[ResolvedLayer]) -> dict[str, dict[str, np.ndarray]]:
-        """component -> {initializer name: patched array} for the touched initializers."""
+    def patches(
+        self, resolved: Iterable[ResolvedLayer], workers: int = 1
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """component -> {initializer name: patched array} for the touched initializers,
+        `workers` targets at a time (numpy releases the GIL in its matmuls and adds)."""
         table = self.table()
         layers: dict[tuple[str, str], list[ResolvedLayer]] = {}
         for r in resolved:
             layers.setdefault((r.component, r.target), []).append(r)
+
+        def patch(item: tuple[tuple[str, str], list[ResolvedLayer]]) -> tuple[str, np.ndarray]:
+            (component, target), group = item
+            return self.components[component].patch(target, table.shapes[component][target], group)
+
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            done = list(pool.map(patch, layers.items()))
         result: dict[str, dict[str, np.ndarray]] = {}
-        for (component, target), group in layers.items():  # one target at a time
-            shape = table.shapes[component][target]
-            name, array = self.components[component].patch(target, shape, group)
+        for ((component, _), _), (name, array) in zip(layers.items(), done, strict=True):
             result.setdefault(component, {})[name] = array
         return result
 
@@ -359,6 +368,7 @@ class PipelineLoras:
         self._patches: dict[str, dict[str, np.ndarray]] | None = None
         self._refit: dict[str, RefitState] = {}
         self.timings: dict[str, float] = {}
+        self.workers = 1  # targets patched at once (the Pipeline gives its thread count)
 
     @property
     def library(self) -> LoraLibrary:
@@ -409,7 +419,7 @@ class PipelineLoras:
             import time
 
             start = time.perf_counter()
-            self._patches = self.library.patches(self._resolved)
+            self._patches = self.library.patches(self._resolved, self.workers)
             self.timings["lora_patch"] = time.perf_counter() - start
         return self._patches
 

@@ -15,6 +15,7 @@ reproduced alone, and `generate_many` can batch several callers' requests togeth
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -118,6 +119,7 @@ class Pipeline:
         self.lora = PipelineLoras(
             self.engine_dir, self.backend, self.manifest.components.__getitem__, self._session
         )
+        self.lora.workers = self.options.threads or len(os.sched_getaffinity(0))
         self.lora_dirs: list[Path] = [Path.cwd()]
         self._merged_loras = [dict(x) for x in prov.get("loras") or ()]
 
