@@ -11,7 +11,9 @@ through ONNX Runtime CPU with its time per step.
 Each component is one `sd-export --model sdxl --random-weights --component NAME [--fp16]`
 process: `load_models(materialize=...)` builds only the module that component needs (the
 others stay on the meta device), so the process holds one module plus its export. Peak RSS
-is that process's own (`os.wait4`'s rusage, ru_maxrss), written as JSON lines to
+is that process's own (`os.wait4`'s rusage, ru_maxrss, which counts file-backed pages too,
+such as weights mapped back from disk), beside its peak anonymous RSS (sampled from
+/proc/PID/status: the memory that must fit), written as JSON lines to
 OUT/report.jsonl and printed as a table at the end.
 
 Shape ranges: SDXL's defaults (512..2048 px, batch 1..4, context 77..231), so validation runs
@@ -32,21 +34,46 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 COMPONENTS = ("text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder", "unet")
 
 
+def rss_split(pid: int) -> tuple[int, int]:
+    """(anonymous, file-backed) resident KiB of a process now; (0, 0) once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0, 0
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    kib = [int(fields.get(k, "0 kB").split()[0]) for k in ("RssAnon", "RssFile")]
+    return kib[0], kib[1]
+
+
 def run_measured(command: list[str], log: Path) -> dict[str, float | int]:
-    """Run `command`, its output into `log`; its own peak RSS (GiB), wall time, exit status."""
+    """Run `command`, its output into `log`; its peak RSS (GiB: the kernel's high-water mark,
+    which counts file-backed pages such as mapped weights the kernel may drop), its peak
+    anonymous RSS (sampled every 0.2 s: what must fit in memory), wall time, exit status."""
     start = time.perf_counter()
+    peak_anon = [0]
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
+
+        def sample() -> None:
+            while process.returncode is None:
+                peak_anon[0] = max(peak_anon[0], rss_split(process.pid)[0])
+                time.sleep(0.2)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
         _, status, usage = os.wait4(process.pid, 0)
-    process.returncode = os.waitstatus_to_exitcode(status)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        sampler.join()
     return {
         "peak_rss_gib": round(usage.ru_maxrss * 1024 / 2**30, 2),  # KiB on Linux
+        "peak_anon_rss_gib": round(peak_anon[0] / 2**20, 2),
         "wall_s": round(time.perf_counter() - start, 1),
         "exit": process.returncode,
     }
@@ -142,7 +169,8 @@ def main() -> None:
             print(json.dumps(row), flush=True)
         if not args.keep:
             shutil.rmtree(args.out / f"engines-{precision}", ignore_errors=True)
-    header = f"{'step':9s} {'component':15s} {'prec':5s} {'peak RSS GiB':>12s} {'wall s':>8s}"
+    header = f"{'step':9s} {'component':15s} {'prec':5s} {'peak RSS GiB':>12s} {'anon GiB':>8s}"
+    header += f" {'wall s':>8s}"
     print(f"\n{header}  notes")
     for row in rows:
         notes = (
@@ -155,7 +183,7 @@ def main() -> None:
             notes = f"FAILED (exit {row['exit']}), see the log"
         print(
             f"{row['step']:9s} {row.get('component', '-'):15s} {row['precision']:5s} "
-            f"{row['peak_rss_gib']:>12} {row['wall_s']:>8}  {notes}"
+            f"{row['peak_rss_gib']:>12} {row['peak_anon_rss_gib']:>8} {row['wall_s']:>8}  {notes}"
         )
 
 

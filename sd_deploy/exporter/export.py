@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import functools
 import gc
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -122,9 +124,9 @@ def export_component(
     scale = models.config.vae_scale_factor
     reference = graph.build(models).eval()
     module = export_module(reference, fp16)
-    spilled = (
-        spill_reference(reference, stage / f".{graph.name}.fp32.safetensors") if fp16 else None
-    )
+    # A big fp32 module's weights go to disk while its fp16 copy is traced, and again while
+    # ONNX Runtime validates the graph: one copy of the weights in memory at a time.
+    park = functools.partial(parked, reference, stage / f".{graph.name}.fp32.safetensors")
     trace = trace_shapes(graph, scale)
     example = {k: torch.from_numpy(v) for k, v in sample_inputs(graph, trace, fp16, seed=0).items()}
     out_dir = stage / graph.name
@@ -132,13 +134,12 @@ def export_component(
     raw_dir.mkdir()
     out_dir.mkdir()
     bar.set_description(f"export {graph.name} ({precision})")
-    export_onnx(module, graph, example, raw_dir / "model.onnx", opset)
-    del module
-    gc.collect()
-    files = finalize_onnx(raw_dir / "model.onnx", out_dir / "model.onnx")
-    shutil.rmtree(raw_dir)
-    if spilled is not None:
-        restore_reference(reference, spilled)
+    with park() if fp16 else contextlib.nullcontext():
+        export_onnx(module, graph, example, raw_dir / "model.onnx", opset)
+        del module
+        gc.collect()
+        files = finalize_onnx(raw_dir / "model.onnx", out_dir / "model.onnx")
+        shutil.rmtree(raw_dir)
     if lora_ready and graph.name in LORA_COMPONENTS:
         files = prepare_lora_ready(out_dir / "model.onnx", models, graph.name)
     bar.update(1)
@@ -152,6 +153,7 @@ def export_component(
             graph,
             validation_shapes(graph, ranges, scale),
             precision,
+            parked=park,
         )
     bar.update(1)
     inputs = [(i.name, i.shape) for i in graph.inputs]
@@ -197,6 +199,18 @@ def spill_reference(reference: torch.nn.Module, path: Path) -> Path | None:
     reference.to_empty(device="meta")
     gc.collect()
     return path
+
+
+@contextlib.contextmanager
+def parked(reference: torch.nn.Module, path: Path) -> Iterator[None]:
+    """The module's weights parked on disk at `path` (when big: `spill_reference`) for the
+    duration, then mapped back."""
+    spilled = spill_reference(reference, path)
+    try:
+        yield
+    finally:
+        if spilled is not None:
+            restore_reference(reference, spilled)
 
 
 def restore_reference(reference: torch.nn.Module, path: Path) -> None:
