@@ -133,6 +133,16 @@ def main() -> None:
     patched_bytes = sum(a.nbytes for per in patches.values() for a in per.values())
     styled = pipe.generate(GenerationRequest(**{**vars(request), "loras": [(lora_path, 1.0)]}))
 
+    # The numpy patch alone, one target at a time vs a target per thread, interleaved
+    # (fresh arrays each time; the base weights are in the page cache by now).
+    patch_s: dict[int, list[float]] = {1: [], pipe.lora.workers: []}
+    for _ in range(3):
+        for workers in patch_s:
+            start = time.perf_counter()
+            pipe.lora.library.patches(pipe.lora._resolved, workers)  # noqa: SLF001
+            patch_s[workers].append(round(time.perf_counter() - start, 2))
+    report["patch_s_by_workers"] = {str(k): v for k, v in patch_s.items()}
+
     start = time.perf_counter()
     back = pipe.generate(request).images
     back_s = time.perf_counter() - start - one_image
