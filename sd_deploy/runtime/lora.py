@@ -436,8 +436,8 @@ class PipelineLoras:
             patches = sessions["_patches"].get(name)
             if patches is None:
                 return None  # the set does not touch this component
-            spec = self.spec_of(name)
-            sessions[name] = self.backend.open_patched(self.engine_dir, spec, patches)
+            spec, base = self.spec_of(name), self.library.components[name].initializer
+            sessions[name] = self.backend.open_patched(self.engine_dir, spec, patches, base)
         return sessions[name]
 
     def release(self, name: str) -> None:

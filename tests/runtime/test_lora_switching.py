@@ -283,3 +283,32 @@ def test_sdxl_switches_both_text_towers_and_the_unet(tmp_path) -> None:
     quality, effect = psnr(styled / 255.0, want / 255.0), psnr(plain / 255.0, want / 255.0)
     print(f"SDXL run-time LoRA vs merged: PSNR {quality:.1f} dB (base vs merged {effect:.1f})")
     assert quality >= 40.0 and effect < 30.0
+
+
+def test_patched_sessions_come_from_the_graph_cache_and_equal_the_source_path(dirs) -> None:
+    """With the optimized-graph cache written, a LoRA switch loads the cached graph with the
+    patched weights put where the optimizer moved them (MatMul weights by name, convolution
+    filters in MLAS's blocked layout), instead of optimizing the source graph again: the
+    images must be those of the source path bit for bit."""
+    from sd_deploy.runtime import BackendOptions
+    from sd_deploy.runtime.backends.ort_patch_map import PATCH_MAP_NAME
+
+    base_dir, _, style, _ = dirs
+    with Pipeline(base_dir, backend="onnxruntime-cpu") as pipe:
+        pipe.generate(request())  # the base load writes the cache entries
+        fast = pipe.generate(request(loras=[(style, SCALE)])).images
+        sessions = pipe.lora.cache.get(pipe.lora.key, dict)
+        assert sessions["unet"].from_graph_cache, "a UNet weight was not found in the cache"
+        assert sessions["text_encoder"].from_graph_cache
+    maps = list((base_dir / "unet").glob(f"ort_cpu_cache/*/{PATCH_MAP_NAME}"))
+    assert len(maps) == 1
+    source = BackendOptions(graph_cache=False)
+    with Pipeline(base_dir, backend="onnxruntime-cpu", options=source) as slow:
+        want = slow.generate(request(loras=[(style, SCALE)])).images
+        assert not slow.lora.cache.get(slow.lora.key, dict)["unet"].from_graph_cache
+    assert np.array_equal(fast, want)
+
+    maps[0].write_text("{not json")  # a damaged map is found again, not trusted
+    with Pipeline(base_dir, backend="onnxruntime-cpu") as pipe:
+        assert np.array_equal(pipe.generate(request(loras=[(style, SCALE)])).images, want)
+        assert pipe.lora.cache.get(pipe.lora.key, dict)["unet"].from_graph_cache

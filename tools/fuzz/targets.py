@@ -711,6 +711,49 @@ def run_lora(data: bytes, work: Path) -> Any:
             raise AssertionError(f"LoRA gave a non-finite delta for {component} {name}")
 
 
+# ------------------------------------------------------------- ONNX initializer records
+
+
+def _onnx_initializer_seeds() -> list[bytes]:
+    """A graph with external fp32/fp16 weights (packed and long dims) and an inline one."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = {
+        "w": np.ones((64, 48), np.float32),
+        "f": np.ones((8, 4, 3, 3), np.float16),
+        "t": np.ones(3, np.float32),
+    }
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 48])
+    inits = [numpy_helper.from_array(v, k) for k, v in weights.items()]
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y],
+                              initializer=inits)  # fmt: skip
+    model = helper.make_model(graph)
+    for init in model.graph.initializer[:2]:
+        onnx.external_data_helper.set_external_data(init, "model.onnx_data", 0, init.ByteSize())
+        init.ClearField("raw_data")
+    return [model.SerializeToString()]
+
+
+@target(
+    name="onnx-initializers",
+    doc="the runtime's protobuf reader of a graph's external-initializer records (run-time "
+    "LoRA sessions from ONNX Runtime's optimized-graph cache): names, dims, types, locations",
+    seeds=_onnx_initializer_seeds,
+    mutate=mutate.mutate_bytes,
+    modules=("sd_deploy.runtime.backends.onnx_initializers",),
+    allowed=lambda: (ValueError,),
+)
+def run_onnx_initializers(data: bytes, work: Path) -> Any:
+    from sd_deploy.runtime.backends.onnx_initializers import external_initializers
+
+    path = work / "model.onnx"
+    path.write_bytes(data)
+    external_initializers(path)  # records or a ValueError; never another exception or a hang
+
+
 # ---------------------------------------------------------------------- Triton requests
 
 

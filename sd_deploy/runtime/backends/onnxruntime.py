@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from sd_deploy.engine_dir.manifest import ComponentSpec
 from sd_deploy.errors import UserError, first_line
 from sd_deploy.runtime.backends.base import Backend, ComponentSession
 from sd_deploy.runtime.backends.ort_graph_cache import SAVE_EXTERNAL_DATA, GraphCache
+from sd_deploy.runtime.backends.ort_patch_map import PatchMap
 
 log = logging.getLogger("sd_deploy")
 
@@ -81,6 +82,7 @@ class OnnxRuntimeSession(ComponentSession):
         self.release_options = release_options
         self.output_names = [o.name for o in spec.outputs]
         self.keep_alive: Any = None  # buffers a patched session's weights live in
+        self.from_graph_cache = False  # a patched session made from the optimized-graph cache
 
     def run(
         self, feeds: Mapping[str, np.ndarray], release_scratch: bool = False
@@ -203,25 +205,58 @@ class OnnxRuntimeBackend(Backend):
         return OnnxRuntimeSession(spec, session, self.release_options)
 
     def open_patched(
-        self, engine_dir: Path, spec: ComponentSpec, initializers: Mapping[str, np.ndarray]
+        self,
+        engine_dir: Path,
+        spec: ComponentSpec,
+        initializers: Mapping[str, np.ndarray],
+        base: Callable[[str], np.ndarray | None] | None = None,
     ) -> ComponentSession:
         """A session of the component with some initializers replaced (run-time LoRAs).
 
-        The arrays go in as external initializers of an all-external (`--lora-ready`)
-        graph: ONNX Runtime then optimizes with them as if they were on disk. (Overrides
-        through `add_initializer` are not seen by the CPU provider's NCHWc conv rewrite.)
-        The optimized-graph cache holds base weights, so it is not used here.
+        From the optimized-graph cache when every replaced initializer can be placed in it
+        (`ort_patch_map`; `base` gives the exported values to find them by): no optimizing.
+        Otherwise from the source: the arrays go in as external initializers of an
+        all-external (`--lora-ready`) graph, and ONNX Runtime optimizes with them as if
+        they were on disk. (Overrides through `add_initializer` are not seen by the CPU
+        provider's NCHWc conv rewrite.)
         """
+        path, options = Path(engine_dir) / spec.onnx, self.session_options()
+        cached = self.cached_patch_overrides(Path(engine_dir), spec, initializers, base)
+        if cached is not None:
+            path, initializers = cached
+            options = self.session_options(optimize=False)
         names = list(initializers)
         arrays = [np.ascontiguousarray(initializers[n]) for n in names]
         values = [self._ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
-        options = self.session_options()
         if names:
             options.add_external_initializers(names, values)
-        session = self.create(Path(engine_dir) / spec.onnx, options, engine_dir, spec)
+        session = self.create(path, options, engine_dir, spec)
         result = OnnxRuntimeSession(spec, session, self.release_options)
         result.keep_alive = (arrays, values)  # ONNX Runtime reads the weights from these
+        result.from_graph_cache = cached is not None
         return result
+
+    def cached_patch_overrides(
+        self,
+        engine_dir: Path,
+        spec: ComponentSpec,
+        initializers: Mapping[str, np.ndarray],
+        base: Callable[[str], np.ndarray | None] | None,
+    ) -> tuple[Path, dict[str, np.ndarray]] | None:
+        """(cached optimized graph, its initializers to replace), or None: use the source."""
+        if not self.graph_cache or base is None:
+            return None
+        cache = GraphCache(engine_dir, spec, self._ort.__version__)
+        if not cache.graph.is_file():
+            return None
+        try:
+            places = PatchMap.load_or_build(cache.entry, engine_dir / spec.onnx, initializers, base)
+            if not places.covers(initializers):
+                return None
+            return cache.graph, places.overrides(initializers)
+        except (OSError, ValueError) as exc:  # a damaged entry: the source graph still works
+            log.debug("patched %s from its source graph: %s", spec.name, first_line(exc))
+            return None
 
     def open_through_cache(self, path: Path, engine_dir: Path, spec: ComponentSpec) -> Any:
         """Load the cached optimized graph, or optimize the source and write the cache."""

@@ -1,0 +1,156 @@
+"""Patched (run-time LoRA) sessions from ONNX Runtime's optimized-graph cache.
+
+Why: optimizing the full-size SD 1.5 UNet at ORT_ENABLE_ALL takes 7-9 s on this CPU (the
+NCHWc rewrite), loading its cached optimized graph 1-2.5 s (measured side by side). A LoRA
+switch made a new session from the source graph, so it paid the optimization every time.
+
+The cached graph can take the patched weights instead, if each one can be put where the
+optimizer moved it: MatMul / Gemm weights keep their names and bytes; convolution weights
+become new initializers holding MLAS's blocked filter layout (OIHW{B}i{B}o, or OIHW{B}o
+for a first convolution on few channels, channels zero-padded to the block; B = 16 with
+AVX-512, 8 with AVX2). Which is which is found by value, once per cache entry: each base
+weight, as stored or in each of those layouts, is hashed against the cached graph's
+initializers. The result is kept in the entry as `patch_map.json`. A weight not found
+(another optimizer rewrite, another CPU's layout) sends that component back to the
+source graph: slower, never wrong.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from sd_deploy.engine_dir.atomic import write_atomic
+from sd_deploy.runtime.backends.onnx_initializers import ExternalTensor, external_initializers
+
+PATCH_MAP_NAME = "patch_map.json"
+SCHEMA = 1
+BLOCKS = (16, 8)  # MLAS's NCHWc block sizes: AVX-512, AVX2
+AS_STORED = "as-stored"
+
+
+def to_layout(weight: np.ndarray, layout: str) -> np.ndarray:
+    """A [O, I, H, W] filter in `layout` ("OIHW16i16o", "OIHW8o", ...), flat; as-stored: as is."""
+    if layout == AS_STORED:
+        return np.ascontiguousarray(weight).ravel()
+    match = re.fullmatch(r"OIHW(\d+)(i\d+)?o", layout)
+    if match is None:
+        raise ValueError(f"unknown filter layout {layout!r}")
+    block = int(match[1])
+    out, fan_in, height, width = weight.shape
+    padded_out = -(-out // block) * block
+    if match[2]:  # OIHW{B}i{B}o: input channels blocked (and padded) too
+        padded_in = -(-fan_in // block) * block
+        full = np.zeros((padded_out, padded_in, height, width), weight.dtype)
+        full[:out, :fan_in] = weight
+        tiles = full.reshape(padded_out // block, block, padded_in // block, block, height, width)
+        return np.ascontiguousarray(tiles.transpose(0, 2, 4, 5, 3, 1)).ravel()
+    full = np.zeros((padded_out, fan_in, height, width), weight.dtype)  # OIHW{B}o
+    full[:out] = weight
+    tiles = full.reshape(padded_out // block, block, fan_in, height, width)
+    return np.ascontiguousarray(tiles.transpose(0, 2, 3, 4, 1)).ravel()
+
+
+def layouts(ndim: int) -> list[str]:
+    blocked = [f"OIHW{b}i{b}o" for b in BLOCKS] + [f"OIHW{b}o" for b in BLOCKS]
+    return [AS_STORED] + (blocked if ndim == 4 else [])
+
+
+def _digest(array: np.ndarray) -> str:
+    flat = np.ascontiguousarray(array).ravel()
+    h = hashlib.blake2b(repr(flat.dtype.str).encode(), digest_size=16)
+    h.update(flat.data.cast("B"))
+    return h.hexdigest()
+
+
+class PatchMap:
+    """Where each source initializer's values sit in one cached optimized graph."""
+
+    def __init__(self, entry: Path, places: dict[str, list]) -> None:
+        self.entry = Path(entry)
+        self.places = places  # source name -> [cached name, layout, cached shape]
+
+    def covers(self, names: Iterable[str]) -> bool:
+        return all(name in self.places for name in names)
+
+    def overrides(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Cached-graph initializer name -> the patched values in its layout and shape."""
+        result = {}
+        for name, array in arrays.items():
+            cached, layout, shape = self.places[name]
+            result[cached] = to_layout(array, layout).reshape(shape)
+        return result
+
+    @classmethod
+    def load_or_build(
+        cls,
+        entry: Path,
+        source_graph: Path,
+        wanted: Iterable[str],
+        base: Callable[[str], np.ndarray | None],
+    ) -> PatchMap:
+        """The entry's map, extended by the `wanted` names not in it yet (and saved)."""
+        path = Path(entry) / PATCH_MAP_NAME
+        places: dict[str, list] = {}
+        tried: set[str] = set()
+        try:
+            saved = json.loads(path.read_text())
+            if saved.get("schema") == SCHEMA:
+                places, tried = dict(saved["places"]), set(saved["tried"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            pass
+        todo = [n for n in wanted if n not in tried]
+        if todo:
+            places.update(find_places(Path(entry) / "model.onnx", source_graph, todo, base))
+            tried.update(todo)
+            payload = {"schema": SCHEMA, "places": places, "tried": sorted(tried)}
+            try:
+                write_atomic(path, json.dumps(payload, indent=0).encode())
+            except OSError:
+                pass  # a read-only engine dir: found again next time
+        return cls(entry, places)
+
+
+def find_places(
+    cached_graph: Path,
+    source_graph: Path,
+    names: Iterable[str],
+    base: Callable[[str], np.ndarray | None],
+) -> dict[str, list]:
+    """source name -> [cached name, layout, cached shape] for each of `names` found by value."""
+    cached = external_initializers(cached_graph)
+    source = external_initializers(source_graph)
+    folder = Path(cached_graph).parent
+    # the optimizer's new initializers, by (element count, digest): hashed lazily per count
+    new = [t for n, t in cached.items() if n not in source]
+    by_count: dict[int, list[ExternalTensor]] = {}
+    for tensor in new:
+        by_count.setdefault(int(np.prod(tensor.shape)), []).append(tensor)
+    hashed: dict[int, dict[str, str]] = {}
+    found: dict[str, list] = {}
+    for name in names:
+        values = base(name)
+        if values is None:
+            continue
+        same = cached.get(name)
+        if same is not None and same.shape == values.shape:
+            if np.array_equal(same.read(folder), values):
+                found[name] = [name, AS_STORED, list(same.shape)]
+            continue  # kept under its name with other values: a rewrite we cannot follow
+        for layout in layouts(values.ndim)[1:]:
+            flat = to_layout(np.asarray(values), layout)
+            candidates = by_count.get(flat.size, [])
+            if not candidates:
+                continue
+            if flat.size not in hashed:
+                hashed[flat.size] = {_digest(t.read(folder)): t.name for t in candidates}
+            hit = hashed[flat.size].get(_digest(flat))
+            if hit is not None:
+                found[name] = [hit, layout, list(cached[hit].shape)]
+                break
+    return found
