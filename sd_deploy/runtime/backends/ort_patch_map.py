@@ -44,15 +44,15 @@ def to_layout(weight: np.ndarray, layout: str) -> np.ndarray:
     block = int(match[1])
     out, fan_in, height, width = weight.shape
     padded_out = -(-out // block) * block
-    if match[2]:  # OIHW{B}i{B}o: input channels blocked (and padded) too
-        padded_in = -(-fan_in // block) * block
+    padded_in = -(-fan_in // block) * block if match[2] else fan_in
+    full = weight
+    if (padded_out, padded_in) != (out, fan_in):  # zero-padded channels (MLAS's blocks)
         full = np.zeros((padded_out, padded_in, height, width), weight.dtype)
         full[:out, :fan_in] = weight
+    if match[2]:  # OIHW{B}i{B}o: input channels blocked too
         tiles = full.reshape(padded_out // block, block, padded_in // block, block, height, width)
         return np.ascontiguousarray(tiles.transpose(0, 2, 4, 5, 3, 1)).ravel()
-    full = np.zeros((padded_out, fan_in, height, width), weight.dtype)  # OIHW{B}o
-    full[:out] = weight
-    tiles = full.reshape(padded_out // block, block, fan_in, height, width)
+    tiles = full.reshape(padded_out // block, block, fan_in, height, width)  # OIHW{B}o
     return np.ascontiguousarray(tiles.transpose(0, 2, 3, 4, 1)).ravel()
 
 
