@@ -2,7 +2,7 @@
 process of its own, fp32 and fp16, then one image through ONNX Runtime.
 
 On tiny-xl always (a minute: the tool itself stays working). On the full-size SDXL
-architecture only with SD_DEPLOY_SDXL_FULL=1: about 35 min on 2 cores, 22 GiB of memory at
+architecture only with SD_DEPLOY_SDXL_FULL=1: about 35 min on 2 cores, 17 GiB of memory at
 its peak and ~15 GB of disk, so CI does not run it (see docs/exporter.md for the numbers).
 """
 
@@ -27,7 +27,7 @@ CASES = [
         marks=[
             pytest.mark.slow,
             pytest.mark.skipif(
-                not FULL, reason="full-size SDXL: ~35 min and 22 GiB; SD_DEPLOY_SDXL_FULL=1"
+                not FULL, reason="full-size SDXL: ~35 min and 17 GiB; SD_DEPLOY_SDXL_FULL=1"
             ),
         ],
     ),
