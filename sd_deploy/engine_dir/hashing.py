@@ -1,5 +1,6 @@
 """sha256 of files, read in chunks to stay light: checkpoint provenance, the ONNX hashes in
-manifests and TensorRT plan metadata all use these (stdlib only, safe for the runtime)."""
+manifests and TensorRT plan metadata all use these; and a digest of array values, by which
+the exporter and the runtime find weights in graphs (safe for the runtime: numpy only)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import hashlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 _HASH_CHUNK = 1 << 20
 
@@ -31,3 +34,12 @@ def _hash_into(digest: Any, path: Path) -> None:
     with open(path, "rb") as f:
         while chunk := f.read(_HASH_CHUNK):
             digest.update(chunk)
+
+
+def array_digest(array: np.ndarray) -> str:
+    """Hash of an array's values, shape and dtype, without copying a contiguous array (a
+    full-size UNet's weights are GBs): equal digests mean equal weights, laid out alike."""
+    a = np.ascontiguousarray(array)
+    h = hashlib.blake2b(repr((a.shape, a.dtype.str)).encode(), digest_size=16)
+    h.update(a.data.cast("B"))
+    return h.hexdigest()

@@ -24,12 +24,12 @@ Runtime) or a refit (TensorRT), and the base stays on disk as exported.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
+from sd_deploy.engine_dir.hashing import array_digest
 from sd_deploy.engine_dir.lora import LORA_TARGETS_NAME
 from sd_deploy.models import LoadedModels
 from sd_deploy.models.lora import lora_modules, target_table
@@ -37,15 +37,6 @@ from sd_deploy.models.lora import lora_modules, target_table
 LORA_TARGETS_SCHEMA = 1
 EXTERNAL_DATA_NAME = "model.onnx_data"
 FLOATS = {np.dtype(np.float32), np.dtype(np.float16)}
-
-
-def _digest(array: np.ndarray) -> bytes:
-    """Hash of values, shape and dtype, without copying a contiguous array (full-size
-    UNets hold GBs of these)."""
-    a = np.ascontiguousarray(array)
-    h = hashlib.blake2b(repr((a.shape, a.dtype.str)).encode(), digest_size=16)
-    h.update(memoryview(a).cast("B"))
-    return h.digest()
 
 
 def prepare_lora_ready(onnx_path: Path, models: LoadedModels, component: str) -> list[Path]:
@@ -72,7 +63,7 @@ def prepare_lora_ready(onnx_path: Path, models: LoadedModels, component: str) ->
     dtypes = {
         np.dtype(onnx.helper.tensor_dtype_to_np_dtype(i.data_type)) for i in model.graph.initializer
     }
-    wanted: dict[bytes, list[tuple[str, bool]]] = {}
+    wanted: dict[str, list[tuple[str, bool]]] = {}
     for target, w in weights.items():
         casts = [w if w.dtype == dtype else w.astype(dtype) for dtype in dtypes & FLOATS]
         if np.dtype(np.float16) in dtypes:
@@ -80,7 +71,7 @@ def prepare_lora_ready(onnx_path: Path, models: LoadedModels, component: str) ->
             casts.append(w.astype(np.float16).astype(np.float32))
         for cast in casts:
             for view, transpose in [(cast, False)] + ([(cast.T, True)] if cast.ndim == 2 else []):
-                hits = wanted.setdefault(_digest(view), [])
+                hits = wanted.setdefault(array_digest(view), [])
                 if (target, transpose) not in hits:
                     hits.append((target, transpose))
         del casts
@@ -90,7 +81,7 @@ def prepare_lora_ready(onnx_path: Path, models: LoadedModels, component: str) ->
         if init.data_type not in float_types or len(init.dims) not in (2, 4):
             continue
         array = numpy_helper.to_array(init)
-        for target, transpose in wanted.get(_digest(array), []):
+        for target, transpose in wanted.get(array_digest(array), []):
             if (init.name, transpose) not in found.get(target, []):
                 found.setdefault(target, []).append((init.name, transpose))
     owners: dict[str, list[str]] = {}

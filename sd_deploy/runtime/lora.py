@@ -354,9 +354,11 @@ class PipelineLoras:
         spec_of: Callable[[str], Any],
         base_session: Callable[[str], Any],
         max_sets: int = DEFAULT_MAX_LORA_SETS,
+        workers: int = 1,
     ) -> None:
         """`spec_of(name)`: the component's ComponentSpec; `base_session(name)`: its base
-        session (loaded if needed), which a TensorRT refit updates in place."""
+        session (loaded if needed), which a TensorRT refit updates in place; `workers`:
+        targets patched at once."""
         self.engine_dir = Path(engine_dir)
         self.backend = backend
         self.spec_of = spec_of
@@ -368,7 +370,7 @@ class PipelineLoras:
         self._patches: dict[str, dict[str, np.ndarray]] | None = None
         self._refit: dict[str, RefitState] = {}
         self.timings: dict[str, float] = {}
-        self.workers = 1  # targets patched at once (the Pipeline gives its thread count)
+        self.workers = workers
 
     @property
     def library(self) -> LoraLibrary:

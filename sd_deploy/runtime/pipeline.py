@@ -117,9 +117,12 @@ class Pipeline:
         # Run-time LoRAs (--lora-ready engine dirs): patched sessions per LoRA set (LRU).
         # `lora_dirs`: where `<lora:name:scale>` prompt tags look for name.safetensors.
         self.lora = PipelineLoras(
-            self.engine_dir, self.backend, self.manifest.components.__getitem__, self._session
+            self.engine_dir,
+            self.backend,
+            self.manifest.components.__getitem__,
+            self._session,
+            workers=self.options.threads or len(os.sched_getaffinity(0)),
         )
-        self.lora.workers = self.options.threads or len(os.sched_getaffinity(0))
         self.lora_dirs: list[Path] = [Path.cwd()]
         self._merged_loras = [dict(x) for x in prov.get("loras") or ()]
 

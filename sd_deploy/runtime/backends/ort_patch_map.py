@@ -17,7 +17,6 @@ source graph: slower, never wrong.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from sd_deploy.engine_dir.atomic import write_atomic
+from sd_deploy.engine_dir.hashing import array_digest
 from sd_deploy.runtime.backends.onnx_initializers import ExternalTensor, external_initializers
 
 PATCH_MAP_NAME = "patch_map.json"
@@ -61,18 +61,10 @@ def layouts(ndim: int) -> list[str]:
     return [AS_STORED] + (blocked if ndim == 4 else [])
 
 
-def _digest(array: np.ndarray) -> str:
-    flat = np.ascontiguousarray(array).ravel()
-    h = hashlib.blake2b(repr(flat.dtype.str).encode(), digest_size=16)
-    h.update(flat.data.cast("B"))
-    return h.hexdigest()
-
-
 class PatchMap:
     """Where each source initializer's values sit in one cached optimized graph."""
 
-    def __init__(self, entry: Path, places: dict[str, list]) -> None:
-        self.entry = Path(entry)
+    def __init__(self, places: dict[str, list]) -> None:
         self.places = places  # source name -> [cached name, layout, cached shape]
 
     def covers(self, names: Iterable[str]) -> bool:
@@ -113,7 +105,7 @@ class PatchMap:
                 write_atomic(path, json.dumps(payload, indent=0).encode())
             except OSError:
                 pass  # a read-only engine dir: found again next time
-        return cls(entry, places)
+        return cls(places)
 
 
 def find_places(
@@ -148,8 +140,10 @@ def find_places(
             if not candidates:
                 continue
             if flat.size not in hashed:
-                hashed[flat.size] = {_digest(t.read(folder)): t.name for t in candidates}
-            hit = hashed[flat.size].get(_digest(flat))
+                hashed[flat.size] = {
+                    array_digest(t.read(folder).ravel()): t.name for t in candidates
+                }
+            hit = hashed[flat.size].get(array_digest(flat))
             if hit is not None:
                 found[name] = [hit, layout, list(cached[hit].shape)]
                 break
