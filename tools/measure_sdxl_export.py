@@ -41,15 +41,16 @@ from pathlib import Path
 COMPONENTS = ("text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder", "unet")
 
 
-def rss_split(pid: int) -> tuple[int, int]:
-    """(anonymous, file-backed) resident KiB of a process now; (0, 0) once it is gone."""
+def anon_rss_kib(pid: int) -> int:
+    """A process's anonymous resident KiB now (RssAnon); 0 once it is gone."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
-        return 0, 0
-    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    kib = [int(fields.get(k, "0 kB").split()[0]) for k in ("RssAnon", "RssFile")]
-    return kib[0], kib[1]
+        return 0
+    for line in status.splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    return 0
 
 
 def run_measured(command: list[str], log: Path) -> dict[str, float | int]:
@@ -63,7 +64,7 @@ def run_measured(command: list[str], log: Path) -> dict[str, float | int]:
 
         def sample() -> None:
             while process.returncode is None:
-                peak_anon[0] = max(peak_anon[0], rss_split(process.pid)[0])
+                peak_anon[0] = max(peak_anon[0], anon_rss_kib(process.pid))
                 time.sleep(0.2)
 
         sampler = threading.Thread(target=sample, daemon=True)
