@@ -163,6 +163,7 @@ def test_run_warns_in_one_line_about_a_truncated_prompt(tmp_path, tiny_engine_fp
     [
         ("export_command", "Export a Stable Diffusion model"),
         ("build_command", "Build FP16 TensorRT engines"),
+        ("quantize_command", "Write int8-weight OpenVINO graphs"),
         ("run_command", "Generate images from an engine dir"),
         ("bench_command", "Parity and latency"),
         ("triton_group", "Serve engine dirs with NVIDIA Triton"),

@@ -18,6 +18,7 @@ with ours on ONNX Runtime fp32, the reference pipeline.
 
 Candidates: ort-fp32 (our runtime, ONNX Runtime CPU), openvino-bf16 / openvino-fp32 /
 openvino-bf16-static (our runtime on OpenVINO; static: shapes fixed per request),
+openvino-int8 (the UNet's int8-weight graph from `sd-quantize`, bf16 compute),
 diffusers-fp32, diffusers-bf16 (StableDiffusionPipeline, torch_dtype bfloat16).
 
 Reported per candidate: end-to-end seconds per generation (median, min-max over every
@@ -45,6 +46,7 @@ CANDIDATES = (
     "openvino-bf16",
     "openvino-fp32",
     "openvino-bf16-static",
+    "openvino-int8",
     "diffusers-fp32",
     "diffusers-bf16",
 )

@@ -115,11 +115,13 @@ from sd_deploy.errors import UserError
 )
 @click.option(
     "--precision",
-    type=click.Choice(["auto", "fp32", "bf16"]),
+    type=click.Choice(["auto", "fp32", "bf16", "int8"]),
     default="auto",
     show_default=True,
     help="OpenVINO's compute precision: auto is bf16 where the CPU has AMX or AVX512-BF16, "
-    "else fp32. Other backends run the graphs as exported (bf16 is refused there).",
+    "else fp32, on the int8-weight graphs of sd-quantize where the engine dir has them; "
+    "int8 insists on them. Other backends run the graphs as exported (bf16 and int8 are "
+    "refused there).",
 )
 @click.option(
     "--server",

@@ -19,7 +19,7 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from sd_deploy.engine_dir.atomic import write_atomic
 from sd_deploy.engine_dir.hashing import files_sha256
@@ -28,6 +28,7 @@ from sd_deploy.engine_dir.manifest import ComponentSpec
 from sd_deploy.engine_dir.shapes import ProfileShapes, profile_difference
 
 METADATA_VERSION = 1
+M = TypeVar("M")
 
 
 def source_onnx_sha256(engine_dir: str | Path, spec: ComponentSpec) -> str:
@@ -124,10 +125,11 @@ def read_metadata(path: Path) -> PlanMetadata:
 
 
 @dataclass(frozen=True)
-class Fresh:
-    """The plan matches its ONNX graph, this TensorRT, this GPU and the wanted profile."""
+class Fresh(Generic[M]):
+    """The derived file (a plan: its ONNX graph, this TensorRT, this GPU and the wanted
+    profile; an int8 graph: its ONNX graph) can be used; `metadata` is what it records."""
 
-    metadata: PlanMetadata
+    metadata: M
 
     @property
     def fresh(self) -> bool:
@@ -145,7 +147,7 @@ class Stale:
         return False
 
 
-PlanStatus = Fresh | Stale
+PlanStatus = Fresh[PlanMetadata] | Stale
 
 
 def describe_gpu(name: str, compute_capability: str) -> str:

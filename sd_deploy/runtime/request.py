@@ -32,7 +32,8 @@ class BackendOptions:
         loads skip re-optimizing (~6 s for the SD 1.5 UNet).
     cuda_graph: TensorRT records the UNet's steps as a CUDA graph and replays them.
     precision: OpenVINO's compute precision, auto (bf16 where the CPU has AMX or
-        AVX512-BF16, else fp32), fp32 or bf16; the other backends run the graphs' own.
+        AVX512-BF16, else fp32; sd-quantize's int8-weight graphs where present), fp32,
+        bf16 or int8 (those graphs required); the other backends run the graphs' own.
     """
 
     threads: int | None = None

@@ -27,6 +27,7 @@ ITERATIONS = {
     "manifest": 40,
     "tokenizer": 80,
     "plan": 200,
+    "int8": 200,
     "prompts": 150,
     "infotext": 150,
     "lora": 80,

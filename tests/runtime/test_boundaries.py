@@ -6,7 +6,16 @@ import json
 import subprocess
 import sys
 
-HEAVY = ("torch", "onnx", "transformers", "diffusers", "onnxruntime", "tensorrt")
+HEAVY = (
+    "torch",
+    "onnx",
+    "transformers",
+    "diffusers",
+    "onnxruntime",
+    "tensorrt",
+    "openvino",
+    "nncf",
+)
 
 
 def modules_after(code: str) -> set[str]:
@@ -29,8 +38,9 @@ def test_runtime_imports_no_heavy_library():
 def test_cli_help_imports_no_backend():
     loaded = modules_after(
         "from click.testing import CliRunner\n"
-        "from sd_deploy.cli import run_command, export_command, build_command, bench_command\n"
-        "for c in (run_command, export_command, build_command, bench_command):\n"
+        "from sd_deploy.cli import run_command, export_command, build_command, bench_command,"
+        " quantize_command\n"
+        "for c in (run_command, export_command, build_command, bench_command, quantize_command):\n"
         "    r = CliRunner().invoke(c, ['--help'])\n"
         "    assert r.exit_code == 0 and 'Usage' in r.output, r.output"
     )

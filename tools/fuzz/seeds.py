@@ -4,6 +4,8 @@
 - diffusers_tiny.json: a diffusers folder's config files for the tiny preset, made by
   diffusers' own single-file code (`benchmarks.diffusers_backend.diffusers_configs`);
 - plan_unet.json: the plan metadata `sd-build` would write beside the tiny UNet's plan;
+- int8_unet.json: the metadata `sd-quantize` would write beside the tiny UNet's int8 graph
+  (for the placeholder IR files the int8 target writes);
 - infotext_*.txt / infotext_*.png: `ImageParameters.infotext()` texts, one in a PNG from
   `save_png`, and an A1111 v1.9 text.
 
@@ -24,6 +26,7 @@ def write_seeds() -> None:
     manifest = _write_manifest()
     _write_diffusers()
     _write_plan(manifest)
+    _write_int8(manifest)
     _write_infotexts()
     for path in sorted(SEEDS_DIR.iterdir()):
         print(path, path.stat().st_size)
@@ -115,6 +118,29 @@ def _write_plan(manifest: dict) -> None:
         built_at="2026-01-01T00:00:00+00:00", sd_deploy_version="0.1.0",
     )  # fmt: skip
     (SEEDS_DIR / "plan_unet.json").write_text(json.dumps(meta.to_json(), indent=2) + "\n")
+
+
+def _write_int8(manifest: dict) -> None:
+    from dataclasses import asdict
+
+    from sd_deploy.engine_dir.int8_graphs import (
+        INT8_WEIGHTS_MODE,
+        Int8Metadata,
+        int8_files_bytes,
+        int8_files_sha256,
+    )
+    from tools.fuzz.targets import write_int8_placeholders
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_int8_placeholders(Path(tmp))
+        meta = Int8Metadata(
+            component="unet", onnx_sha256=manifest["components"]["unet"]["onnx_sha256"],
+            ir_sha256=int8_files_sha256(folder), ir_bytes=int8_files_bytes(folder),
+            mode=INT8_WEIGHTS_MODE, kept_full_precision=["/unet/out/out.2/Conv"],
+            openvino_version="2026.4.1", nncf_version="3.4.0", seconds=1.5,
+            made_at="2026-01-01T00:00:00+00:00", sd_deploy_version="0.1.0",
+        )  # fmt: skip
+    (SEEDS_DIR / "int8_unet.json").write_text(json.dumps(asdict(meta), indent=2) + "\n")
 
 
 def _write_infotexts() -> None:

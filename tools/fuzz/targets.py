@@ -503,6 +503,37 @@ def run_plan(data: bytes, work: Path) -> Any:
     return status
 
 
+def write_int8_placeholders(root: Path) -> Path:
+    """Small stand-ins for sd-quantize's model.xml / model.bin (no graph is read)."""
+    folder = root / "unet" / "int8"
+    folder.mkdir(parents=True)
+    (folder / "model.xml").write_bytes(b"<net name='unet'/>\n")
+    (folder / "model.bin").write_bytes(bytes(range(64)))
+    return folder
+
+
+@target(
+    name="int8",
+    doc="sd-quantize's int8 graph metadata (<component>/int8/int8.json) through int8_status, "
+    "files re-hashed: fresh, or stale with a reason; never an exception",
+    seeds=lambda: [(SEEDS_DIR / "int8_unet.json").read_bytes()],
+    mutate=mutate.mutate_json,
+    modules=("sd_deploy.engine_dir.int8_graphs",),
+    allowed=lambda: (),
+)
+def run_int8(data: bytes, work: Path) -> Any:
+    from sd_deploy.engine_dir.int8_graphs import int8_status
+    from sd_deploy.engine_dir.manifest import Manifest
+
+    spec = Manifest.from_json(json.loads(seed_manifest())).components["unet"]
+    folder = write_int8_placeholders(work)
+    (folder / "int8.json").write_bytes(data)
+    status = int8_status(work, spec, verify=True)
+    if not status.fresh and "\n" in status.reason:
+        raise AssertionError(f"multi-line stale reason {status.reason!r}")
+    return status
+
+
 # --------------------------------------------------------------------------- prompts
 
 PROMPT_ALPHABET = "()[]:\\ ,.BREAK 1.5 0 -e9<>|!\n\t"

@@ -24,7 +24,9 @@ BACKEND_NAMES = (
     "onnxruntime-trt",
     "openvino",
 )
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+# Precisions only OpenVINO computes in (the others run the graphs as exported).
+OPENVINO_PRECISIONS = ("bf16", "int8")
 
 
 def select_backend(
@@ -35,7 +37,8 @@ def select_backend(
     auto: TensorRT when its library, a GPU and up-to-date plans are all present; else
     ONNX Runtime with CUDA if available; else, on a CPU with bf16 instructions (AMX or
     AVX512-BF16), OpenVINO in bf16 when installed; else ONNX Runtime CPU. `options`
-    (BackendOptions) go to whichever backend is chosen; precision bf16 needs OpenVINO.
+    (BackendOptions) go to whichever backend is chosen; precisions bf16 and int8 (the
+    int8-weight graphs of sd-quantize) need OpenVINO.
     """
     options = options or BackendOptions()
     threads = options.threads
@@ -47,16 +50,19 @@ def select_backend(
         raise UserError(
             f"unknown precision {options.precision!r}; choose from {', '.join(PRECISIONS)}"
         )
-    if options.precision == "bf16" and name not in ("auto", "openvino"):
-        raise UserError(_bf16_needs_openvino(name))
+    openvino_only = options.precision in OPENVINO_PRECISIONS
+    if openvino_only and name not in ("auto", "openvino"):
+        raise UserError(_needs_openvino(options.precision, name))
     backend, reason = _select(name, engine_dir, manifest, options)
-    if options.precision == "bf16" and backend.name != "openvino":
-        raise UserError(_bf16_needs_openvino(backend.name) + f"; auto chose it: {reason}")
+    if openvino_only and backend.name != "openvino":
+        raise UserError(
+            _needs_openvino(options.precision, backend.name) + f"; auto chose it: {reason}"
+        )
     return backend, reason
 
 
-def _bf16_needs_openvino(name: str) -> str:
-    return f"precision bf16 needs --backend openvino ({name} runs the graphs as exported)"
+def _needs_openvino(precision: str, name: str) -> str:
+    return f"precision {precision} needs --backend openvino ({name} runs the graphs as exported)"
 
 
 def _openvino(options: BackendOptions) -> Backend:
@@ -106,8 +112,14 @@ def _select(
         from sd_deploy.runtime.backends.openvino import bf16_hardware
 
         bf16 = bf16_hardware()
-        if (bf16 and options.precision != "fp32") or not has_ort:
-            why = f"the CPU has {bf16}" if bf16 else "onnxruntime is not installed"
+        if (bf16 and options.precision != "fp32") or options.precision == "int8" or not has_ort:
+            why = (
+                "precision int8 asked for"
+                if options.precision == "int8"
+                else f"the CPU has {bf16}"
+                if bf16
+                else "onnxruntime is not installed"
+            )
             return _openvino(options), f"auto: OpenVINO on the CPU because {trt_reason}, {why}"
     if not has_ort:
         raise UserError(

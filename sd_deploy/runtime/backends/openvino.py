@@ -11,6 +11,12 @@ shows `amx_bf16` or `avx512_bf16` and the component is in BF16_COMPONENTS, else 
 instructions (OpenVINO would emulate it, slower than f32). What each component was compiled
 with is read back from OpenVINO and kept in `OpenVinoBackend.precisions`.
 
+Int8 weights (`sd-quantize`): a component with a fresh `<component>/int8/` graph (NNCF
+int8 weights, see sd_deploy/engine_dir/int8_graphs.py) runs it under `auto` and `int8`,
+computing at the precision the rule above gives (recorded as "int8-bf16" / "int8-fp32");
+`int8` refuses to run without the UNet's, `auto` warns about a stale one and runs the ONNX
+graph; `fp32` and `bf16` always run the ONNX graphs.
+
 Compiled-model cache: OpenVINO's own (its CACHE_DIR property), kept at
 <component>/openvino_cache/<graph hash>-<openvino version>-<precision>/, so a second
 `sd-run` imports the compiled model instead of compiling it. The folder is named by the
@@ -39,13 +45,20 @@ from typing import Any
 
 import numpy as np
 
+from sd_deploy.engine_dir.int8_graphs import (
+    int8_dir,
+    int8_graph_path,
+    int8_status,
+    quantize_command,
+)
 from sd_deploy.engine_dir.manifest import ComponentSpec
+from sd_deploy.engine_dir.plans import Fresh
 from sd_deploy.errors import UserError, first_line
 from sd_deploy.runtime.backends.base import Backend, ComponentSession
 
 log = logging.getLogger("sd_deploy")
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
 # CPU flags (as /proc/cpuinfo spells them) that run bf16 matrix math in hardware.
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 # Components `auto` runs in bf16 on such a CPU. Measured on the shipped default model and
@@ -89,7 +102,8 @@ def bf16_hardware(flags: frozenset[str] | None = None) -> str | None:
 def resolve_precision(
     requested: str, component: str, flags: frozenset[str] | None = None
 ) -> tuple[str, str]:
-    """The precision `component` runs at for `requested` (auto|fp32|bf16), and why."""
+    """The precision `component` computes at for `requested` (auto|fp32|bf16|int8), and why
+    (int8 is about weights: its components compute as auto says)."""
     if requested not in PRECISIONS:
         raise UserError(f"unknown precision {requested!r}; choose from {', '.join(PRECISIONS)}")
     hardware = bf16_hardware(flags)
@@ -103,10 +117,10 @@ def resolve_precision(
             )
         return "bf16", f"asked for bf16 ({hardware})"
     if hardware is None:
-        return "fp32", "auto: the CPU has no bf16 instructions"
+        return "fp32", f"{requested}: the CPU has no bf16 instructions"
     if component not in BF16_COMPONENTS:
-        return "fp32", f"auto: {component} is kept in fp32"
-    return "bf16", f"auto: the CPU has {hardware}"
+        return "fp32", f"{requested}: {component} is kept in fp32"
+    return "bf16", f"{requested}: the CPU has {hardware}"
 
 
 class OpenVinoSession(ComponentSession):
@@ -213,7 +227,8 @@ class OpenVinoBackend(Backend):
         chosen = ", ".join(f"{name} {p}" for name, (p, _) in self.precisions.items())
         if not chosen:  # nothing opened yet (sd-run prints this first): the rule's answer
             precision, why = resolve_precision(self.requested_precision, "unet")
-            chosen = f"{precision}, {why}"
+            weights = "int8-" if self.requested_precision == "int8" else ""
+            chosen = f"{weights}{precision}, {why}"
         shapes = "static" if self.static_shapes else "dynamic"
         details = f"CPU, {shapes} shapes" + (f"; {chosen}" if chosen else "")
         return f"openvino {self.version} ({details})"
@@ -242,16 +257,36 @@ class OpenVinoBackend(Backend):
             what = model if isinstance(model, Path) else "the reshaped graph"
             raise UserError(f"cannot compile {what} with OpenVINO: {first_line(exc)}") from None
 
-    def cache_dir(self, engine_dir: Path, spec: ComponentSpec, precision: str) -> Path | None:
-        """This component's cache folder for `precision`, created (older graphs' folders
-        removed); None when caching is off or the engine dir is not writable (then every
-        load compiles). One folder per precision: OpenVINO's key for a model compiled from
-        a path ignores INFERENCE_PRECISION_HINT, and an f32 blob imported under a bf16 hint
-        gave NaN text embeddings (measured, OpenVINO 2026.4.1)."""
+    def int8_graph(self, engine_dir: Path, spec: ComponentSpec) -> str | None:
+        """The int8 graph's hash when `spec` runs its int8 graph (see the module docstring),
+        None when it runs the ONNX graph."""
+        if self.requested_precision not in ("auto", "int8"):
+            return None
+        status = int8_status(engine_dir, spec)
+        if isinstance(status, Fresh):
+            return status.metadata.ir_sha256
+        missing = status.reason.startswith("no int8 graph")
+        fix = quantize_command(engine_dir, spec.name)
+        if self.requested_precision == "int8" and spec.name == "unet":
+            raise UserError(f"--precision int8: {status.reason}; make it: {fix}")
+        if not missing:
+            log.warning("not using the int8 %s: %s (remake it: %s)", spec.name, status.reason, fix)
+        return None
+
+    def cache_dir(
+        self, engine_dir: Path, spec: ComponentSpec, precision: str, int8: str | None = None
+    ) -> Path | None:
+        """This component's cache folder for `precision` (the int8 graph's, in its own
+        folder, when `int8` gives its hash), created (older graphs' folders removed); None
+        when caching is off or the engine dir is not writable (then every load compiles).
+        One folder per precision: OpenVINO's key for a model compiled from a path ignores
+        INFERENCE_PRECISION_HINT, and an f32 blob imported under a bf16 hint gave NaN text
+        embeddings (measured, OpenVINO 2026.4.1)."""
         if not self.cache:
             return None
-        root = Path(engine_dir) / spec.name / CACHE_DIR_NAME
-        graph = f"{spec.onnx_sha256[:16] or 'unhashed'}-{self.version}"
+        base = int8_dir(engine_dir, spec.name) if int8 else Path(engine_dir) / spec.name
+        root = base / CACHE_DIR_NAME
+        graph = f"{(int8 or spec.onnx_sha256)[:16] or 'unhashed'}-{self.version}"
         entry = root / f"{graph}-{precision}"
         try:
             entry.mkdir(parents=True, exist_ok=True)
@@ -270,26 +305,33 @@ class OpenVinoBackend(Backend):
                 shutil.rmtree(other, ignore_errors=True)
         return entry
 
-    def config(self, engine_dir: Path, spec: ComponentSpec, precision: str) -> dict[str, Any]:
+    def config(
+        self, engine_dir: Path, spec: ComponentSpec, precision: str, int8: str | None = None
+    ) -> dict[str, Any]:
         config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": OV_PRECISION[precision],
             "PERFORMANCE_HINT": "LATENCY",
         }
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = self.threads
-        cache = self.cache_dir(engine_dir, spec, precision)
+        cache = self.cache_dir(engine_dir, spec, precision, int8)
         if cache is not None:
             config["CACHE_DIR"] = os.fspath(cache)
         return config
 
     def open(self, engine_dir: Path, spec: ComponentSpec) -> ComponentSession:
+        engine_dir = Path(engine_dir)
         precision, why = resolve_precision(self.requested_precision, spec.name)
-        path = Path(engine_dir) / spec.onnx
-        config = self.config(Path(engine_dir), spec, precision)
+        int8 = self.int8_graph(engine_dir, spec)
+        path = int8_graph_path(engine_dir, spec.name) if int8 else engine_dir / spec.onnx
+        config = self.config(engine_dir, spec, precision, int8)
         session = OpenVinoSession(spec, self, path, config, self.static_shapes)
         # Record what OpenVINO says it compiled, which is what ran (static: compiled on
         # first run, so the request stands until then).
-        self.precisions[spec.name] = (session.precision or precision, why)
+        computed = session.precision or precision
+        if int8:
+            computed, why = f"int8-{computed}", f"int8 weights (sd-quantize), {why}"
+        self.precisions[spec.name] = (computed, why)
         return session
 
 
