@@ -30,54 +30,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
+from peak_rss import run_measured  # tools/ is on sys.path when run as a script
+
 COMPONENTS = ("text_encoder", "text_encoder_2", "vae_decoder", "vae_encoder", "unet")
-
-
-def anon_rss_kib(pid: int) -> int:
-    """A process's anonymous resident KiB now (RssAnon); 0 once it is gone."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    for line in status.splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1])
-    return 0
-
-
-def run_measured(command: list[str], log: Path) -> dict[str, float | int]:
-    """Run `command`, its output into `log`; its peak RSS (GiB: the kernel's high-water mark,
-    which counts file-backed pages such as mapped weights the kernel may drop), its peak
-    anonymous RSS (sampled every 0.2 s: what must fit in memory), wall time, exit status."""
-    start = time.perf_counter()
-    peak_anon = [0]
-    with log.open("w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT)
-
-        def sample() -> None:
-            while process.returncode is None:
-                peak_anon[0] = max(peak_anon[0], anon_rss_kib(process.pid))
-                time.sleep(0.2)
-
-        sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
-        sampler.join()
-    return {
-        "peak_rss_gib": round(usage.ru_maxrss * 1024 / 2**30, 2),  # KiB on Linux
-        "peak_anon_rss_gib": round(peak_anon[0] / 2**20, 2),
-        "wall_s": round(time.perf_counter() - start, 1),
-        "exit": process.returncode,
-    }
 
 
 def export_one(
