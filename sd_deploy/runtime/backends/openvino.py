@@ -265,11 +265,10 @@ class OpenVinoBackend(Backend):
         status = int8_status(engine_dir, spec)
         if isinstance(status, Fresh):
             return status.metadata.ir_sha256
-        missing = status.reason.startswith("no int8 graph")
         fix = quantize_command(engine_dir, spec.name)
         if self.requested_precision == "int8" and spec.name == "unet":
-            raise UserError(f"--precision int8: {status.reason}; make it: {fix}")
-        if not missing:
+            raise UserError(f"precision int8: {status.reason}; make it: {fix}")
+        if int8_dir(engine_dir, spec.name).exists():  # a graph there, but not a usable one
             log.warning("not using the int8 %s: %s (remake it: %s)", spec.name, status.reason, fix)
         return None
 
