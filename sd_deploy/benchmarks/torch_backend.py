@@ -86,6 +86,13 @@ class TorchBackend(Backend):
         return f"PyTorch {torch.__version__} ({self.device.type}, {str(self.dtype).split('.')[-1]})"
 
     def open(self, engine_dir: Path, spec: ComponentSpec) -> ComponentSession:
-        module = self._graphs[spec.name].build(self.models).eval()
+        graph = self._graphs[spec.name]
+        module = graph.build(self.models).eval()
         module.to(device=self.device, dtype=self.dtype)
+        declared = {t.name for t in spec.inputs}
+        if [i.name for i in graph.inputs if i.name not in declared] == ["clip_skip"]:
+            # An engine dir exported before Clip skip: its graph always reads the last
+            # layer, which is Clip skip 1.
+            last_layer = torch.ones(1, dtype=torch.int32, device=self.device)
+            return TorchSession(spec, lambda ids: module(ids, last_layer), self.device, self.dtype)
         return TorchSession(spec, module, self.device, self.dtype)
