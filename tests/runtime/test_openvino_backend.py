@@ -319,7 +319,7 @@ def test_faster_modes_draw_the_held_out_prompts_as_well_as_fp32(
 # --------------------------------------------------------------------------- int8 graphs
 
 
-@pytest.mark.parametrize("hardware", ["amx_bf16", None])
+@pytest.mark.parametrize("hardware", [pytest.param("amx_bf16", marks=needs_bf16_cpu), None])
 def test_int8_unet_matches_onnx_runtime_fp32_in_either_compute_precision(
     int8_engine, manifest, monkeypatch, hardware
 ):
