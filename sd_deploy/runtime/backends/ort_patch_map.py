@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 
 from sd_deploy.engine_dir.atomic import write_atomic
-from sd_deploy.engine_dir.hashing import array_digest
 from sd_deploy.runtime.backends.onnx_initializers import ExternalTensor, external_initializers
 
 PATCH_MAP_NAME = "patch_map.json"
@@ -108,22 +107,34 @@ class PatchMap:
         return cls(places)
 
 
+def fingerprint(flat: np.ndarray) -> bytes:
+    """A cheap key for picking an array out of same-size candidates: its first 1024 values
+    and 4096 evenly strided ones (on a memory-mapped candidate that reads a few pages).
+    Hashing every value instead took 11.7 s of a 13.7 s map build for the SD 1.5 UNet; a
+    hit is confirmed by comparing every value."""
+    step = max(1, flat.size // 4096)
+    return flat[:1024].tobytes() + flat[::step][:4096].tobytes()
+
+
 def find_places(
     cached_graph: Path,
     source_graph: Path,
     names: Iterable[str],
     base: Callable[[str], np.ndarray | None],
 ) -> dict[str, list]:
-    """source name -> [cached name, layout, cached shape] for each of `names` found by value."""
+    """source name -> [cached name, layout, cached shape] for each of `names` found by value.
+
+    A weight whose values appear in more than one cached initializer (two identical layers,
+    e.g. zero-initialized ones) is left out: patching the wrong twin would be silent."""
     cached = external_initializers(cached_graph)
     source = external_initializers(source_graph)
     folder = Path(cached_graph).parent
-    # the optimizer's new initializers, by (element count, digest): hashed lazily per count
+    # the optimizer's new initializers, by element count, then fingerprint (lazily per count)
     new = [t for n, t in cached.items() if n not in source]
     by_count: dict[int, list[ExternalTensor]] = {}
     for tensor in new:
         by_count.setdefault(int(np.prod(tensor.shape)), []).append(tensor)
-    hashed: dict[int, dict[str, str]] = {}
+    keyed: dict[int, dict[bytes, list[ExternalTensor]]] = {}
     found: dict[str, list] = {}
     for name in names:
         values = base(name)
@@ -139,12 +150,18 @@ def find_places(
             candidates = by_count.get(flat.size, [])
             if not candidates:
                 continue
-            if flat.size not in hashed:
-                hashed[flat.size] = {
-                    array_digest(t.read(folder).ravel()): t.name for t in candidates
-                }
-            hit = hashed[flat.size].get(array_digest(flat))
-            if hit is not None:
-                found[name] = [hit, layout, list(cached[hit].shape)]
-                break
+            if flat.size not in keyed:
+                keyed[flat.size] = {}
+                for tensor in candidates:
+                    key = fingerprint(tensor.read(folder).ravel())
+                    keyed[flat.size].setdefault(key, []).append(tensor)
+            hits = [
+                t
+                for t in keyed[flat.size].get(fingerprint(flat), [])
+                if np.array_equal(t.read(folder).ravel(), flat)
+            ]
+            if len(hits) == 1:
+                found[name] = [hits[0].name, layout, list(hits[0].shape)]
+            if hits:
+                break  # found, or found twice (ambiguous: left to the source path)
     return found
