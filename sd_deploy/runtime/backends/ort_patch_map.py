@@ -9,10 +9,11 @@ optimizer moved it: MatMul / Gemm weights keep their names and bytes; convolutio
 become new initializers holding MLAS's blocked filter layout (OIHW{B}i{B}o, or OIHW{B}o
 for a first convolution on few channels, channels zero-padded to the block; B = 16 with
 AVX-512, 8 with AVX2). Which is which is found by value, once per cache entry: each base
-weight, as stored or in each of those layouts, is hashed against the cached graph's
-initializers. The result is kept in the entry as `patch_map.json`. A weight not found
-(another optimizer rewrite, another CPU's layout) sends that component back to the
-source graph: slower, never wrong.
+weight, as stored or in each of those layouts, is matched against the cached graph's
+initializers of its size (a sampled fingerprint, then every value). The result is kept in
+the entry as `patch_map.json`. A weight not found (another optimizer rewrite, another
+CPU's layout) or found twice (identical layers) sends that component back to the source
+graph: slower, never wrong.
 """
 
 from __future__ import annotations
