@@ -480,13 +480,36 @@ def measure_sdcpp(
                 progress.step()
             return np.stack([np.asarray(image.convert("RGB")) for image in images])
 
-        entry["latency"], _ = _latency(SDCPP_BACKEND, generate, CallLog(), work, progress)
+        try:
+            entry["latency"], _ = _latency(SDCPP_BACKEND, generate, CallLog(), work, progress)
+        except Exception as exc:  # e.g. a NULL image array: a model it loads but cannot run
+            keep_unfreed(sd)
+            entry.update(status="failed", reason=f"stable-diffusion.cpp: {first_line(exc)}")
+            progress.drop(work.steps_per_backend())
+            return entry, None
     entry["memory"] = memory.read()
     entry["parity"] = {
         "components": {},
         "images": {"not_comparable": "stable-diffusion.cpp draws its own initial noise"},
     }
     return entry, None
+
+
+# stable-diffusion.cpp contexts whose generation failed: never freed (see keep_unfreed).
+_UNFREED: list[Any] = []
+
+
+def keep_unfreed(sd: Any) -> None:
+    """Keep a stable-diffusion.cpp context whose generation failed from ever being freed:
+    stable-diffusion-cpp-python 0.4.7 segfaults freeing one (measured: on the tiny preset,
+    the crash came at the next garbage collection, in whatever test ran then). Its exit
+    stacks are swapped for empty ones, so neither its close() nor its __del__ frees the
+    context; the process's exit returns the memory."""
+    for owner in (sd, getattr(sd, "_model", None)):
+        for name in ("_stack", "_exit_stack"):
+            if isinstance(getattr(owner, name, None), contextlib.ExitStack):
+                setattr(owner, name, contextlib.ExitStack())
+    _UNFREED.append(sd)
 
 
 def _parity(
