@@ -442,6 +442,11 @@ def measure_sdcpp(
 
     from sd_deploy.models.checkpoints import save_checkpoint
 
+    def failed(exc: Exception) -> tuple[dict[str, Any], None]:
+        progress.drop(work.steps_per_backend())
+        entry.update(status="failed", reason=f"stable-diffusion.cpp: {first_line(exc)}")
+        return entry, None
+
     method, schedule = SDCPP_SAMPLERS[config.sampler]
     progress.phase(f"{SDCPP_BACKEND}: loading")
     with tempfile.TemporaryDirectory() as tmp, MemoryWatch() as memory:
@@ -452,9 +457,7 @@ def measure_sdcpp(
                     model_path=str(path), n_threads=config.threads or -1, wtype="f32", verbose=False
                 )
             except Exception as exc:  # its own errors, e.g. an architecture it does not know
-                entry.update(status="failed", reason=f"stable-diffusion.cpp: {first_line(exc)}")
-                progress.drop(work.steps_per_backend())
-                return entry, None
+                return failed(exc)
         entry.update(
             status="ok",
             describe="stable-diffusion.cpp (stable-diffusion-cpp-python, CPU, f32)",
@@ -484,9 +487,7 @@ def measure_sdcpp(
             entry["latency"], _ = _latency(SDCPP_BACKEND, generate, CallLog(), work, progress)
         except Exception as exc:  # e.g. a NULL image array: a model it loads but cannot run
             keep_unfreed(sd)
-            entry.update(status="failed", reason=f"stable-diffusion.cpp: {first_line(exc)}")
-            progress.drop(work.steps_per_backend())
-            return entry, None
+            return failed(exc)
     entry["memory"] = memory.read()
     entry["parity"] = {
         "components": {},

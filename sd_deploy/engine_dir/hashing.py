@@ -1,6 +1,7 @@
 """sha256 of files, read in chunks to stay light: checkpoint provenance, the ONNX hashes in
 manifests and TensorRT plan metadata all use these; and a digest of array values, by which
-the exporter and the runtime find weights in graphs (safe for the runtime: numpy only)."""
+the exporter finds the LoRA-targeted weights in its graphs (numpy only: safe for the runtime,
+which imports this module)."""
 
 from __future__ import annotations
 

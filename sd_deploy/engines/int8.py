@@ -39,7 +39,7 @@ from sd_deploy.engine_dir.int8_graphs import (
     write_int8_metadata,
 )
 from sd_deploy.engine_dir.layout import relative
-from sd_deploy.engine_dir.plans import source_onnx_sha256
+from sd_deploy.engine_dir.plans import Fresh, source_onnx_sha256
 from sd_deploy.errors import EngineDirError, UserError, first_line
 
 DEFAULT_COMPONENTS = ("unet",)
@@ -96,13 +96,12 @@ def quantize_components(
     results = []
     for name in dict.fromkeys(components):
         spec = manifest.components[name]
-        status = int8_status(root, spec, verify=True)
         onnx_bytes = sum((root / f).stat().st_size for f in spec.files)
         folder = int8_dir(root, name)
-        if status.fresh and not force:
-            results.append(
-                QuantizeResult(name, folder, True, 0.0, onnx_bytes, int8_files_bytes(folder))
-            )
+        status = None if force else int8_status(root, spec, verify=True)  # re-hashes the IR
+        if isinstance(status, Fresh):
+            ir_bytes = status.metadata.ir_bytes
+            results.append(QuantizeResult(name, folder, True, 0.0, onnx_bytes, ir_bytes))
             continue
         metadata = _quantize(root, spec.name, root / spec.onnx, source_onnx_sha256(root, spec))
         results.append(
