@@ -68,6 +68,10 @@ class LoraSpec:
         return self.path.stem
 
 
+def overflow_message(key: str) -> str:
+    return f"LoRA layer {key[:80]} overflows float32 (up @ down too large)"
+
+
 def parse_scale(text: str, what: str) -> float:
     shown = repr(text if len(text) <= 40 else text[:37] + "...")  # from a prompt: any length
     what = what if len(what) <= 80 else what[:77] + "..."
@@ -107,12 +111,9 @@ class LoraLayer:
         alpha = self.rank if self.alpha is None else self.alpha
         return alpha / self.rank * user_scale
 
-    def delta(
-        self, shape: tuple[int, ...], user_scale: float, transpose: bool = False
-    ) -> np.ndarray:
-        """`scale * up @ down` shaped like the target weight, float32; with `transpose`, the
-        2-D transpose of that (a Linear exported as MatMul keeps [in, out]), computed in that
-        layout: a transposed view added to a weight costs a strided pass over it."""
+    def factors(self, user_scale: float) -> tuple[np.ndarray, np.ndarray, bool]:
+        """(`scale * up` [out, rank], `down` [rank, in * kh * kw], whether `up @ down` may
+        overflow float32), float32: the scale goes on the small factor, not the product."""
         down = np.asarray(self.down, dtype=np.float32).reshape(self.rank, -1)
         up = np.asarray(self.up, dtype=np.float32).reshape(self.up.shape[0], -1)
         scale = np.float32(self.scale(user_scale))
@@ -121,11 +122,19 @@ class LoraLayer:
         # float32 overflow is possible only above this bound; checking it is cheaper than
         # checking the product (weights of 1e30 in a file are finite and still garbage)
         bound = float(np.abs(up).max(initial=0)) * float(np.abs(down).max(initial=0))
-        up = up * scale  # [out, rank]: scaling the small factor, not the product
-        product = down.T @ up.T if transpose else up @ down
         reach = bound * max(self.rank, 1) * max(abs(float(scale)), 1.0)  # up @ down, then scaled
-        if reach > 1e37 and not np.isfinite(product).all():
-            raise LoraError(f"LoRA layer {self.key[:80]} overflows float32 (up @ down too large)")
+        return up * scale, down, reach > 1e37
+
+    def delta(
+        self, shape: tuple[int, ...], user_scale: float, transpose: bool = False
+    ) -> np.ndarray:
+        """`scale * up @ down` shaped like the target weight, float32; with `transpose`, the
+        2-D transpose of that (a Linear exported as MatMul keeps [in, out]), computed in that
+        layout: a transposed view added to a weight costs a strided pass over it."""
+        up, down, risky = self.factors(user_scale)
+        product = down.T @ up.T if transpose else up @ down
+        if risky and not np.isfinite(product).all():
+            raise LoraError(overflow_message(self.key))
         return product.reshape(shape[::-1] if transpose else shape)  # transposed: 2-D only
 
     def shape_problem(self, shape: tuple[int, ...]) -> str | None:

@@ -25,7 +25,6 @@ import os
 import re
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from sd_deploy.engine_dir.lora import (
     read_lora,
     resolve,
 )
+from sd_deploy.runtime.weight_patch import WeightPatch, stored_arrays
 
 # Patched session sets kept loaded at once, besides the base sessions. Each holds new
 # sessions of the patched components: a LoRA over every SD 1.5 layer costs ~11 GiB on the
@@ -113,22 +113,13 @@ class ComponentTargets:
         raw = self._maps[file][record["offset"] : record["offset"] + record["length"]]
         return raw.view(np.dtype(record["dtype"])).reshape(record["shape"])
 
-    def patch(
-        self, target: str, shape: tuple[int, ...], layers: Sequence[ResolvedLayer]
-    ) -> tuple[str, np.ndarray]:
-        """(initializer name, base + the layers' summed deltas) for one target (`shape`: its
-        module weight's), in the initializer's layout and dtype. The deltas are computed in
-        that layout and the base is added into them in place, in float32: one read of each
-        weight, one array written."""
+    def patch(self, target: str, layers: Sequence[ResolvedLayer]) -> tuple[str, WeightPatch]:
+        """(initializer name, its patch by `layers`), computed when a backend asks for it."""
         record = self.targets[target]
-        base = self.base(target)
-        transpose = bool(record["transpose"])
-        merged = layers[0].layer.delta(shape, layers[0].user_scale, transpose)
-        for r in layers[1:]:
-            merged += r.layer.delta(shape, r.user_scale, transpose)
-        merged = merged.reshape(base.shape)
-        np.add(merged, base, out=merged)
-        return record["initializer"], merged.astype(base.dtype, copy=False)
+        pairs = [(r.layer, r.user_scale) for r in layers]
+        return record["initializer"], WeightPatch.of(
+            self.base(target), bool(record["transpose"]), pairs
+        )
 
 
 class LoraLibrary:
@@ -194,25 +185,15 @@ class LoraLibrary:
         ]
         return key, resolved, infos
 
-    def patches(
-        self, resolved: Iterable[ResolvedLayer], workers: int = 1
-    ) -> dict[str, dict[str, np.ndarray]]:
-        """component -> {initializer name: patched array} for the touched initializers,
-        `workers` targets at a time (numpy releases the GIL in its matmuls and adds)."""
-        table = self.table()
+    def patches(self, resolved: Iterable[ResolvedLayer]) -> dict[str, dict[str, WeightPatch]]:
+        """component -> {initializer name: its patch} for the touched initializers."""
         layers: dict[tuple[str, str], list[ResolvedLayer]] = {}
         for r in resolved:
             layers.setdefault((r.component, r.target), []).append(r)
-
-        def patch(item: tuple[tuple[str, str], list[ResolvedLayer]]) -> tuple[str, np.ndarray]:
-            (component, target), group = item
-            return self.components[component].patch(target, table.shapes[component][target], group)
-
-        with ThreadPoolExecutor(max(1, workers)) as pool:
-            done = list(pool.map(patch, layers.items()))
-        result: dict[str, dict[str, np.ndarray]] = {}
-        for ((component, _), _), (name, array) in zip(layers.items(), done, strict=True):
-            result.setdefault(component, {})[name] = array
+        result: dict[str, dict[str, WeightPatch]] = {}
+        for (component, target), group in layers.items():
+            name, patch = self.components[component].patch(target, group)
+            result.setdefault(component, {})[name] = patch
         return result
 
 
@@ -333,9 +314,9 @@ class RefitState:
             weights[name] = array
         return weights
 
-    def done(self, key: LoraSetKey, patches: Mapping[str, np.ndarray]) -> None:
+    def done(self, key: LoraSetKey, touched: Iterable[str]) -> None:
         self.key = key
-        self.touched = set(patches)
+        self.touched = set(touched)
 
 
 class PipelineLoras:
@@ -358,7 +339,7 @@ class PipelineLoras:
     ) -> None:
         """`spec_of(name)`: the component's ComponentSpec; `base_session(name)`: its base
         session (loaded if needed), which a TensorRT refit updates in place; `workers`:
-        targets patched at once."""
+        weights a refit computes at once."""
         self.engine_dir = Path(engine_dir)
         self.backend = backend
         self.spec_of = spec_of
@@ -367,9 +348,8 @@ class PipelineLoras:
         self._library: LoraLibrary | None = None
         self.key: LoraSetKey = ()
         self._resolved: list[ResolvedLayer] = []
-        self._patches: dict[str, dict[str, np.ndarray]] | None = None
+        self._patches: dict[str, dict[str, WeightPatch]] | None = None
         self._refit: dict[str, RefitState] = {}
-        self.timings: dict[str, float] = {}
         self.workers = workers
 
     @property
@@ -416,13 +396,9 @@ class PipelineLoras:
             self._apply_refits()
         return infos
 
-    def _patches_now(self) -> dict[str, dict[str, np.ndarray]]:
+    def _patches_now(self) -> dict[str, dict[str, WeightPatch]]:
         if self._patches is None:
-            import time
-
-            start = time.perf_counter()
-            self._patches = self.library.patches(self._resolved, self.workers)
-            self.timings["lora_patch"] = time.perf_counter() - start
+            self._patches = self.library.patches(self._resolved)
         return self._patches
 
     def session(self, name: str) -> Any | None:
@@ -438,8 +414,7 @@ class PipelineLoras:
             patches = sessions["_patches"].get(name)
             if patches is None:
                 return None  # the set does not touch this component
-            spec, base = self.spec_of(name), self.library.components[name].initializer
-            sessions[name] = self.backend.open_patched(self.engine_dir, spec, patches, base)
+            sessions[name] = self.backend.open_patched(self.engine_dir, self.spec_of(name), patches)
         return sessions[name]
 
     def release(self, name: str) -> None:
@@ -462,7 +437,7 @@ class PipelineLoras:
             state.follow(session)
             if state.key == self.key and state.touched == set(wanted):
                 continue
-            weights = state.plan(self.key, wanted, targets.initializer)
+            weights = state.plan(self.key, stored_arrays(wanted, self.workers), targets.initializer)
             self.backend.refit(session, weights, targets.initializer)
             state.done(self.key, wanted)
 

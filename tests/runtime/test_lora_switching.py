@@ -206,8 +206,8 @@ def test_refit_backends_get_the_same_weights_and_base_back(dirs) -> None:
     _, resolved, _ = library.resolve([LoraSpec(style, SCALE)])
     expected = library.patches(resolved)
     for component, patches in expected.items():
-        for name, array in patches.items():
-            assert weights[component][name].tobytes() == array.tobytes()
+        for name, patch in patches.items():
+            assert weights[component][name].tobytes() == patch.array().tobytes()
     loras.select([LoraSpec(other, 0.5)])  # touches the unet only: the text encoder is restored
     for name, array in weights["text_encoder"].items():
         assert array.tobytes() == base["text_encoder"][name].tobytes(), name

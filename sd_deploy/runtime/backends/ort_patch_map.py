@@ -27,6 +27,7 @@ import numpy as np
 
 from sd_deploy.engine_dir.atomic import write_atomic
 from sd_deploy.runtime.backends.onnx_initializers import ExternalTensor, external_initializers
+from sd_deploy.runtime.weight_patch import WeightPatch, aligned_empty, in_parallel
 
 PATCH_MAP_NAME = "patch_map.json"
 SCHEMA = 1
@@ -34,26 +35,61 @@ BLOCKS = (16, 8)  # MLAS's NCHWc block sizes: AVX-512, AVX2
 AS_STORED = "as-stored"
 
 
+def parse_layout(layout: str) -> tuple[int, bool]:
+    """(block size, whether input channels are blocked too) of "OIHW16i16o", "OIHW8o", ..."""
+    match = re.fullmatch(r"OIHW(\d+)(i\d+)?o", layout)
+    if match is None:
+        raise ValueError(f"unknown filter layout {layout!r}")
+    return int(match[1]), bool(match[2])
+
+
 def to_layout(weight: np.ndarray, layout: str) -> np.ndarray:
     """A [O, I, H, W] filter in `layout` ("OIHW16i16o", "OIHW8o", ...), flat; as-stored: as is."""
     if layout == AS_STORED:
         return np.ascontiguousarray(weight).ravel()
-    match = re.fullmatch(r"OIHW(\d+)(i\d+)?o", layout)
-    if match is None:
-        raise ValueError(f"unknown filter layout {layout!r}")
-    block = int(match[1])
+    block, inputs_blocked = parse_layout(layout)
     out, fan_in, height, width = weight.shape
     padded_out = -(-out // block) * block
-    padded_in = -(-fan_in // block) * block if match[2] else fan_in
+    padded_in = -(-fan_in // block) * block if inputs_blocked else fan_in
     full = weight
     if (padded_out, padded_in) != (out, fan_in):  # zero-padded channels (MLAS's blocks)
         full = np.zeros((padded_out, padded_in, height, width), weight.dtype)
         full[:out, :fan_in] = weight
-    if match[2]:  # OIHW{B}i{B}o: input channels blocked too
+    if inputs_blocked:  # OIHW{B}i{B}o: input channels blocked too
         tiles = full.reshape(padded_out // block, block, padded_in // block, block, height, width)
         return np.ascontiguousarray(tiles.transpose(0, 2, 4, 5, 3, 1)).ravel()
     tiles = full.reshape(padded_out // block, block, fan_in, height, width)  # OIHW{B}o
     return np.ascontiguousarray(tiles.transpose(0, 2, 3, 4, 1)).ravel()
+
+
+def patched_filter(patch: WeightPatch, layout: str, cached: np.ndarray) -> np.ndarray:
+    """base + up @ down of a [O, I, H, W] filter, computed straight into blocked `layout`
+    (`cached`: the base as the cached graph holds it), flat.
+
+    Output block b of OIHW{B}i{B}o is [I/B, H, W, B in, B out]: `down` rearranged to rows
+    [I/B * H * W * B in, rank] times up's rows of that block, [rank, B out]. One batched
+    matmul writes every block where it belongs; padded channels get zero factors, as MLAS
+    zero-pads the filter. OIHW{B}o (a first convolution) is the same with I unblocked."""
+    block, inputs_blocked = parse_layout(layout)
+    out, fan_in, height, width = patch.base.shape
+    rank = patch.up.shape[1]
+    out_blocks = -(-out // block)
+    up = np.zeros((out_blocks * block, rank), np.float32)
+    up[:out] = patch.up
+    up_blocks = up.reshape(out_blocks, block, rank).transpose(0, 2, 1)
+    down = patch.down.reshape(rank, fan_in, height, width)
+    if inputs_blocked:
+        in_blocks = -(-fan_in // block)
+        if in_blocks * block != fan_in:
+            down = np.pad(down, ((0, 0), (0, in_blocks * block - fan_in), (0, 0), (0, 0)))
+        rows = down.reshape(rank, in_blocks, block, height, width).transpose(1, 3, 4, 2, 0)
+    else:
+        rows = down.transpose(1, 2, 3, 0)
+    rows = rows.reshape(-1, rank)
+    delta = aligned_empty((out_blocks, rows.shape[0], block), np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):  # `finish` checks risky products
+        np.matmul(rows, up_blocks, out=delta)
+    return patch.finish(delta, cached).ravel()
 
 
 def layouts(ndim: int) -> list[str]:
@@ -64,19 +100,37 @@ def layouts(ndim: int) -> list[str]:
 class PatchMap:
     """Where each source initializer's values sit in one cached optimized graph."""
 
-    def __init__(self, places: dict[str, list]) -> None:
+    def __init__(self, places: dict[str, list], graph: Path) -> None:
         self.places = places  # source name -> [cached name, layout, cached shape]
+        self.graph = Path(graph)
+        self.tensors = external_initializers(self.graph)
 
     def covers(self, names: Iterable[str]) -> bool:
         return all(name in self.places for name in names)
 
-    def overrides(self, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Cached-graph initializer name -> the patched values in its layout and shape."""
-        result = {}
-        for name, array in arrays.items():
+    def valid(self) -> bool:
+        """Every place names an initializer of the graph, of the recorded shape (a saved map
+        is checked before it is trusted)."""
+        return all(
+            place[0] in self.tensors and list(self.tensors[place[0]].shape) == place[2]
+            for place in self.places.values()
+        )
+
+    def materialize(
+        self, patches: Mapping[str, WeightPatch], workers: int
+    ) -> dict[str, np.ndarray]:
+        """Cached-graph initializer name -> base + its patch, in its layout and shape. The
+        base values are read from the cached graph (conv filters already blocked there, and
+        its pages are those the loaded base session maps)."""
+
+        def one(name: str) -> tuple[str, np.ndarray]:
             cached, layout, shape = self.places[name]
-            result[cached] = to_layout(array, layout).reshape(shape)
-        return result
+            base = self.tensors[cached].read(self.graph.parent)
+            if layout == AS_STORED:
+                return cached, patches[name].array(base).reshape(shape)
+            return cached, patched_filter(patches[name], layout, base).reshape(shape)
+
+        return dict(in_parallel(one, patches, workers))
 
     @classmethod
     def load_or_build(
@@ -86,26 +140,29 @@ class PatchMap:
         wanted: Iterable[str],
         base: Callable[[str], np.ndarray | None],
     ) -> PatchMap:
-        """The entry's map, extended by the `wanted` names not in it yet (and saved)."""
+        """The entry's map, extended by the `wanted` names not in it yet (and saved); a
+        saved map that does not fit the entry's graph is built anew."""
         path = Path(entry) / PATCH_MAP_NAME
-        places: dict[str, list] = {}
+        saved_map = cls({}, Path(entry) / "model.onnx")
         tried: set[str] = set()
         try:
             saved = json.loads(path.read_text())
             if saved.get("schema") == SCHEMA:
-                places, tried = dict(saved["places"]), set(saved["tried"])
-        except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            pass
+                saved_map.places, tried = dict(saved["places"]), set(saved["tried"])
+                if not saved_map.valid():
+                    saved_map.places, tried = {}, set()
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+            saved_map.places, tried = {}, set()
         todo = [n for n in wanted if n not in tried]
         if todo:
-            places.update(find_places(Path(entry) / "model.onnx", source_graph, todo, base))
+            saved_map.places.update(find_places(saved_map.graph, source_graph, todo, base))
             tried.update(todo)
-            payload = {"schema": SCHEMA, "places": places, "tried": sorted(tried)}
+            payload = {"schema": SCHEMA, "places": saved_map.places, "tried": sorted(tried)}
             try:
                 write_atomic(path, json.dumps(payload, indent=0).encode())
             except OSError:
                 pass  # a read-only engine dir: found again next time
-        return cls(places)
+        return saved_map
 
 
 def fingerprint(flat: np.ndarray) -> bytes:
