@@ -48,9 +48,9 @@ from sd_deploy.engine_dir.lora import (
 from sd_deploy.runtime.weight_patch import WeightPatch, stored_arrays
 
 # Patched session sets kept loaded at once, besides the base sessions. Each holds new
-# sessions of the patched components: a LoRA over every SD 1.5 layer costs ~11 GiB on the
-# CPU (fp32, measured), so one by default; raise `Pipeline.lora.cache.max_sets` to
-# alternate between sets without reloading.
+# sessions of the patched components: a LoRA over every SD 1.5 layer costs ~5 GiB on the
+# CPU (fp32, measured: docs/lora.md), so one by default; raise `Pipeline.lora.cache.max_sets`
+# to alternate between sets without reloading.
 DEFAULT_MAX_LORA_SETS = 1
 
 LoraSetKey = tuple[tuple[str, float], ...]  # ((file sha256, scale), ...) in request order

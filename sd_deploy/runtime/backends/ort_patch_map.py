@@ -13,7 +13,8 @@ weight, as stored or in each of those layouts, is matched against the cached gra
 initializers of its size (a sampled fingerprint, then every value). The result is kept in
 the entry as `patch_map.json`. A weight not found (another optimizer rewrite, another
 CPU's layout) or found twice (identical layers) sends that component back to the source
-graph: slower, never wrong.
+graph: slower, never wrong. The patched filters are then computed straight into their
+blocked layout (`patched_filter`), from the cached graph's own base bytes.
 """
 
 from __future__ import annotations
