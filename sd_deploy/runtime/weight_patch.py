@@ -36,7 +36,9 @@ def aligned_empty(shape: Sequence[int], dtype: np.dtype | type) -> np.ndarray:
     count = int(np.prod(shape))
     if count == 0:
         return np.empty(tuple(shape), dtype)
-    pages = mmap.mmap(-1, count * dtype.itemsize, flags=mmap.MAP_PRIVATE)  # not shmem
+    size = count * dtype.itemsize
+    private = getattr(mmap, "MAP_PRIVATE", None)  # POSIX; Windows' anonymous maps are private
+    pages = mmap.mmap(-1, size) if private is None else mmap.mmap(-1, size, flags=private)
     return np.frombuffer(pages, dtype, count).reshape(tuple(shape))
 
 
