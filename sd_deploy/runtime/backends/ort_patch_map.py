@@ -144,26 +144,26 @@ class PatchMap:
         """The entry's map, extended by the `wanted` names not in it yet (and saved); a
         saved map that does not fit the entry's graph is built anew."""
         path = Path(entry) / PATCH_MAP_NAME
-        saved_map = cls({}, Path(entry) / "model.onnx")
+        patch_map = cls({}, Path(entry) / "model.onnx")
         tried: set[str] = set()
         try:
             saved = json.loads(path.read_text())
             if saved.get("schema") == SCHEMA:
-                saved_map.places, tried = dict(saved["places"]), set(saved["tried"])
-                if not saved_map.valid():
-                    saved_map.places, tried = {}, set()
+                patch_map.places, tried = dict(saved["places"]), set(saved["tried"])
+                if not patch_map.valid():
+                    patch_map.places, tried = {}, set()
         except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
-            saved_map.places, tried = {}, set()
+            patch_map.places, tried = {}, set()
         todo = [n for n in wanted if n not in tried]
         if todo:
-            saved_map.places.update(find_places(saved_map.graph, source_graph, todo, base))
+            patch_map.places.update(find_places(patch_map.graph, source_graph, todo, base))
             tried.update(todo)
-            payload = {"schema": SCHEMA, "places": saved_map.places, "tried": sorted(tried)}
+            payload = {"schema": SCHEMA, "places": patch_map.places, "tried": sorted(tried)}
             try:
                 write_atomic(path, json.dumps(payload, indent=0).encode())
             except OSError:
                 pass  # a read-only engine dir: found again next time
-        return saved_map
+        return patch_map
 
 
 def fingerprint(flat: np.ndarray) -> bytes:
