@@ -18,6 +18,9 @@ from PIL import Image
 
 from sd_deploy.runtime.infotext import format_infotext, generation_fields
 
+# What BackendOptions.precision takes (only OpenVINO computes in other than the graphs' own).
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+
 # (step index, 0-based; number of steps) -> return False to cancel the generation.
 ProgressCallback = Callable[[int, int], "bool | None"]
 

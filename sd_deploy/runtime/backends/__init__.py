@@ -13,7 +13,7 @@ from sd_deploy.engine_dir.manifest import Manifest
 from sd_deploy.errors import UserError
 from sd_deploy.runtime.backends.base import Backend, ComponentSession
 from sd_deploy.runtime.backends.tensorrt_checks import tensorrt_ready
-from sd_deploy.runtime.request import BackendOptions
+from sd_deploy.runtime.request import PRECISIONS, BackendOptions
 
 BACKEND_NAMES = (
     "auto",
@@ -24,7 +24,6 @@ BACKEND_NAMES = (
     "onnxruntime-trt",
     "openvino",
 )
-PRECISIONS = ("auto", "fp32", "bf16", "int8")
 # Precisions only OpenVINO computes in (the others run the graphs as exported).
 OPENVINO_PRECISIONS = ("bf16", "int8")
 

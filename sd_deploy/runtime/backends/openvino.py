@@ -55,10 +55,10 @@ from sd_deploy.engine_dir.manifest import ComponentSpec
 from sd_deploy.engine_dir.plans import Fresh
 from sd_deploy.errors import UserError, first_line
 from sd_deploy.runtime.backends.base import Backend, ComponentSession
+from sd_deploy.runtime.request import PRECISIONS
 
 log = logging.getLogger("sd_deploy")
 
-PRECISIONS = ("auto", "fp32", "bf16", "int8")
 # CPU flags (as /proc/cpuinfo spells them) that run bf16 matrix math in hardware.
 BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 # Components `auto` runs in bf16 on such a CPU. Measured on the shipped default model and
