@@ -22,7 +22,7 @@ from sd_deploy.engine_dir.atomic import write_atomic
 from sd_deploy.engine_dir.hashing import files_sha256
 from sd_deploy.engine_dir.layout import relative
 from sd_deploy.engine_dir.manifest import ComponentSpec
-from sd_deploy.engine_dir.plans import Fresh, Stale, source_onnx_sha256
+from sd_deploy.engine_dir.plans import Fresh, Stale, metadata_object, source_onnx_sha256
 
 INT8_DIR = "int8"
 INT8_XML = "model.xml"
@@ -77,13 +77,7 @@ class Int8Metadata:
     @staticmethod
     def from_json(data: Any) -> Int8Metadata:
         """Parse; raises ValueError naming the first missing or malformed field."""
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        version = data.get("metadata_version")
-        if version != INT8_METADATA_VERSION:
-            raise ValueError(
-                f"metadata_version {version!r}, this sd-deploy reads {INT8_METADATA_VERSION}"
-            )
+        data = metadata_object(data, INT8_METADATA_VERSION)
         for name in ("component", "onnx_sha256", "ir_sha256", "mode"):
             if not isinstance(data.get(name), str):
                 raise ValueError(f"field {name!r} is missing or not a string")

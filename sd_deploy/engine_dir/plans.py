@@ -31,6 +31,17 @@ METADATA_VERSION = 1
 M = TypeVar("M")
 
 
+def metadata_object(data: Any, version: int) -> dict[str, Any]:
+    """Parsed JSON as a metadata object of `version` (a plan's or an int8 graph's), or a
+    ValueError saying what it is instead."""
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    found = data.get("metadata_version")
+    if found != version:
+        raise ValueError(f"metadata_version {found!r}, this sd-deploy reads {version}")
+    return data
+
+
 def source_onnx_sha256(engine_dir: str | Path, spec: ComponentSpec) -> str:
     """The manifest's hash of the component's graph files (model.onnx and its external
     weights), recomputed when it has none."""
@@ -63,13 +74,7 @@ class PlanMetadata:
     @staticmethod
     def from_json(data: Any) -> PlanMetadata:
         """Parse; raises ValueError naming the first missing or malformed field."""
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
-        version = data.get("metadata_version")
-        if version != METADATA_VERSION:
-            raise ValueError(
-                f"metadata_version {version!r}, this sd-deploy reads {METADATA_VERSION}"
-            )
+        data = metadata_object(data, METADATA_VERSION)
         text_fields = (
             "component",
             "tensorrt_version",
