@@ -13,6 +13,7 @@ import click
 
 from sd_deploy.engine_dir.layout import COMPONENTS
 from sd_deploy.errors import UserError
+from sd_deploy.runtime.request import PRECISIONS
 from sd_deploy.runtime.schedulers import SAMPLERS
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -82,6 +83,18 @@ engine_option = click.option(
 )
 
 COMPONENT_CHOICES = ["all", *COMPONENTS]
+
+
+precision_option = click.option(
+    "--precision",
+    type=click.Choice(list(PRECISIONS)),
+    default="auto",
+    show_default=True,
+    help="OpenVINO's compute precision: auto is bf16 where the CPU has AMX or AVX512-BF16, "
+    "else fp32, on the int8-weight graphs of sd-quantize where the engine dir has them; "
+    "int8 insists on them. Other backends run the graphs as exported (bf16 and int8 are "
+    "refused there).",
+)
 
 
 def sampler_help() -> str:

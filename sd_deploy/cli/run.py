@@ -10,6 +10,7 @@ import click
 from sd_deploy.cli.common import (
     command,
     engine_option,
+    precision_option,
     sampler_help,
     user_errors,
 )
@@ -113,16 +114,7 @@ from sd_deploy.errors import UserError
     "the graphs' size on disk; every load then re-optimizes, ~6 s for SD 1.5); with "
     "OpenVINO, don't keep its compiled models there.",
 )
-@click.option(
-    "--precision",
-    type=click.Choice(["auto", "fp32", "bf16", "int8"]),
-    default="auto",
-    show_default=True,
-    help="OpenVINO's compute precision: auto is bf16 where the CPU has AMX or AVX512-BF16, "
-    "else fp32, on the int8-weight graphs of sd-quantize where the engine dir has them; "
-    "int8 insists on them. Other backends run the graphs as exported (bf16 and int8 are "
-    "refused there).",
-)
+@precision_option
 @click.option(
     "--server",
     default=None,
@@ -208,13 +200,11 @@ def run_command(
         init_image is not None,
     )
     if server is not None:
-        if fields["clip_skip"] not in (None, 1) or not fields["emphasis"]:
-            raise UserError("--clip-skip / --no-emphasis: the served model reads prompts its way")
         if init_image is not None:
             raise UserError("--init-image: the served model does txt2img only")
         if loras:
             raise UserError("--lora: the served model has no run-time LoRAs")
-        served = {k: v for k, v in fields.items() if k not in ("strength", "clip_skip", "emphasis")}
+        served = {k: v for k, v in fields.items() if k != "strength"}
         _run_on_server(server, model_name, out, overwrite, **served, batch=batch)
         return
 

@@ -8,6 +8,7 @@ import click
 
 from sd_deploy.cli.common import (
     engine_option,
+    precision_option,
     user_errors,
 )
 from sd_deploy.errors import UserError
@@ -56,7 +57,13 @@ def triton_group() -> None:
     show_default=True,
     help="Runtime backend each instance uses (as sd-run --backend).",
 )
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="ONNX Runtime threads.")
+@precision_option
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="ONNX Runtime / OpenVINO threads per instance [one per physical core].",
+)
 @click.option(
     "--queue-delay-us",
     type=click.IntRange(min=0),
@@ -81,6 +88,7 @@ def triton_export_command(
     instances: int,
     kind: str,
     backend: str,
+    precision: str,
     threads: int | None,
     queue_delay_us: int,
     max_prompt_chars: int,
@@ -96,6 +104,7 @@ def triton_export_command(
         instances=instances,
         kind=kind,
         backend=backend,
+        precision=precision,
         threads=threads,
         queue_delay_us=queue_delay_us,
         max_prompt_chars=max_prompt_chars,

@@ -25,6 +25,7 @@ from sd_deploy.errors import (
     RequestError,
     UserError,
 )
+from sd_deploy.serving.repository import INPUTS
 
 ERRORS: dict[str, type[UserError]] = {
     ErrorCode.INVALID_ARGUMENT.name: RequestError,
@@ -33,6 +34,15 @@ ERRORS: dict[str, type[UserError]] = {
     ErrorCode.NONFINITE.name: NonFiniteOutputError,
     ErrorCode.CANCELLED.name: GenerationCancelled,
 }
+# config.pbtxt's data types as the client protocol spells them, and their numpy types.
+WIRE_TYPES = {
+    "TYPE_STRING": "BYTES",
+    "TYPE_INT64": "INT64",
+    "TYPE_INT32": "INT32",
+    "TYPE_FP32": "FP32",
+    "TYPE_BOOL": "BOOL",
+}
+WIRE_DTYPES = {"INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "BOOL": np.bool_}
 INSTALL_HINT = "the server client needs tritonclient: pip install 'sd-deploy[serve]'"
 
 
@@ -114,30 +124,20 @@ class RemotePipeline:
     def inputs(self, rows: list[dict[str, Any]]) -> list[Any]:
         """Triton inputs for one request of len(rows) images (rows share their keys)."""
         batched = self.max_batch_size() > 0
-        kinds = {
-            "prompt": "BYTES",
-            "negative_prompt": "BYTES",
-            "sampler": "BYTES",
-            "seed": "INT64",
-            "steps": "INT32",
-            "guidance": "FP32",
-            "width": "INT32",
-            "height": "INT32",
-        }
         if not batched and len(rows) != 1:
             raise RequestError(f"model {self.model} takes one image per request (batch 1)")
         tensors = []
-        for name, kind in kinds.items():
+        for name, config_type, _ in INPUTS:
             if rows[0].get(name) is None:
                 continue
             values = [row[name] for row in rows]
+            kind = WIRE_TYPES[config_type]
             if kind == "BYTES":
                 array = np.array(
                     [v.encode() if isinstance(v, str) else v for v in values], dtype=np.object_
                 )
             else:
-                dtype = {"INT64": np.int64, "INT32": np.int32, "FP32": np.float32}[kind]
-                array = np.array(values, dtype=dtype)
+                array = np.array(values, dtype=WIRE_DTYPES[kind])
             array = array.reshape(len(rows), 1) if batched else array.reshape(1)
             tensor = self._module.InferInput(name, list(array.shape), kind)
             tensor.set_data_from_numpy(array)
@@ -175,9 +175,13 @@ class RemotePipeline:
         width: int | None = None,
         height: int | None = None,
         sampler: str | None = None,
+        clip_skip: int | None = None,
+        emphasis: bool = True,
         batch: int = 1,
     ) -> tuple[np.ndarray, list[str]]:
-        """Like Pipeline.generate: `batch` images, image i with seed + i (random seed if None)."""
+        """Like Pipeline.generate: `batch` images, image i with seed + i (random seed if None).
+        clip_skip and emphasis are sent only when not their defaults, so a repository made
+        before they were inputs still serves every other request."""
         if batch < 1:
             raise RequestError(f"batch must be >= 1, got {batch}")
         if seed is None or seed < 0:
@@ -190,6 +194,8 @@ class RemotePipeline:
             "width": width,
             "height": height,
             "sampler": sampler,
+            "clip_skip": clip_skip if clip_skip not in (None, 1) else None,
+            "emphasis": None if emphasis else False,
         }
         rows = [{**row, "seed": seed + i} for i in range(batch)]
         size = self.max_batch_size() or 1  # requests of at most max_batch_size rows

@@ -12,7 +12,7 @@ and model status; the server keeps serving its other models.
 The model's I/O (fixed names; docs/serving.md):
   inputs  prompt BYTES [1] (required); negative_prompt BYTES [1], seed INT64 [1],
           steps INT32 [1], guidance FP32 [1], width INT32 [1], height INT32 [1],
-          sampler BYTES [1] (optional)
+          sampler BYTES [1], clip_skip INT32 [1], emphasis BOOL [1] (optional)
   outputs image UINT8 [height, width, 3], parameters BYTES [1] (A1111 infotext)
 With max_batch_size > 0 every tensor gains a leading batch dimension and dynamic
 batching is on.
@@ -30,6 +30,7 @@ from sd_deploy.engine_dir.atomic import staged_dir
 from sd_deploy.engine_dir.hashing import sha256_file
 from sd_deploy.engine_dir.shapes import request_ranges
 from sd_deploy.errors import UserError
+from sd_deploy.runtime.backends import check_precision
 
 # name, Triton type, required
 INPUTS: tuple[tuple[str, str, bool], ...] = (
@@ -41,6 +42,8 @@ INPUTS: tuple[tuple[str, str, bool], ...] = (
     ("width", "TYPE_INT32", False),
     ("height", "TYPE_INT32", False),
     ("sampler", "TYPE_STRING", False),
+    ("clip_skip", "TYPE_INT32", False),
+    ("emphasis", "TYPE_BOOL", False),
 )
 OUTPUTS: tuple[tuple[str, str, str], ...] = (
     ("image", "TYPE_UINT8", "[ -1, -1, 3 ]"),
@@ -67,6 +70,7 @@ class RepositoryConfig:
     instances: int = 1
     kind: str = "auto"
     backend: str = "auto"
+    precision: str = "auto"
     threads: int | None = None
     queue_delay_us: int = 5000
     max_prompt_chars: int = DEFAULT_MAX_PROMPT_CHARS
@@ -106,6 +110,7 @@ def render_config(engine_dir: Path, manifest_sha256: str, config: RepositoryConf
         "engine_dir": str(engine_dir),
         "manifest_sha256": manifest_sha256,
         "backend": config.backend,
+        "precision": config.precision,
         "threads": str(config.threads or 0),
         "max_prompt_chars": str(config.max_prompt_chars),
     }
@@ -148,6 +153,7 @@ def write_model_repository(
         raise UserError(f"--instances must be >= 1, got {config.instances}")
     if config.threads is not None and config.threads < 1:
         raise UserError(f"--threads must be >= 1, got {config.threads}")
+    check_precision(config.backend, config.precision)  # refused here, not at server start
     engine_dir = Path(engine_dir).resolve()
     manifest = read_manifest(engine_dir)  # one-line EngineDirError for a broken engine dir
     if config.max_batch is None:

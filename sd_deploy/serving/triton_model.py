@@ -35,7 +35,15 @@ from sd_deploy.errors import (
 )
 
 OPTIONAL_TEXT = ("negative_prompt", "sampler")
-OPTIONAL_NUMBERS = {"seed": int, "steps": int, "guidance": float, "width": int, "height": int}
+OPTIONAL_NUMBERS = {
+    "seed": int,
+    "steps": int,
+    "guidance": float,
+    "width": int,
+    "height": int,
+    "clip_skip": int,
+}
+OPTIONAL_FLAGS = ("emphasis",)
 
 
 def error_message(exc: BaseException) -> str:
@@ -97,6 +105,7 @@ class PipelineModel:
         engine_dir: str | Path,
         backend: str = "auto",
         threads: int | None = None,
+        precision: str = "auto",
         max_prompt_chars: int = 4096,
         batched: bool = True,
         max_rows: int | None = None,
@@ -104,7 +113,9 @@ class PipelineModel:
         from sd_deploy.runtime import BackendOptions, Pipeline
 
         self.pipeline = Pipeline(
-            engine_dir, backend=backend, options=BackendOptions(threads=threads)
+            engine_dir,
+            backend=backend,
+            options=BackendOptions(threads=threads, precision=precision),
         )
         self.pipeline.load_all()
         self.max_prompt_chars = max_prompt_chars
@@ -132,7 +143,14 @@ class PipelineModel:
                     raise RequestError(f"{name} must be a number, got {type(value).__name__}")
                 if isinstance(value, float | np.floating) and not np.isfinite(value):
                     raise RequestError(f"{name} must be a finite number, got {value}")
+                if kind is int and not float(value).is_integer():  # never truncated quietly
+                    raise RequestError(f"{name} must be an integer, got {value}")
                 fields[name] = kind(value)
+        for name in OPTIONAL_FLAGS:
+            if name in row:
+                if not isinstance(row[name], bool | np.bool_):
+                    raise RequestError(f"{name} must be a boolean, got {type(row[name]).__name__}")
+                fields[name] = bool(row[name])
         if fields.get("sampler") == "":
             del fields["sampler"]
         request = GenerationRequest(**fields)
@@ -199,6 +217,7 @@ class TritonPythonModel:
                 engine_dir,
                 backend=params.get("backend", "auto"),
                 threads=int(params.get("threads", "0")) or None,
+                precision=params.get("precision", "auto"),
                 max_prompt_chars=int(params.get("max_prompt_chars", "4096")),
                 batched=int(config.get("max_batch_size", 0)) > 0,
                 max_rows=int(config.get("max_batch_size", 0)) or 1,
@@ -212,7 +231,7 @@ class TritonPythonModel:
 
     def _inputs(self, request: Any) -> dict[str, np.ndarray]:
         arrays = {}
-        for name in ("prompt", *OPTIONAL_TEXT, *OPTIONAL_NUMBERS):
+        for name in ("prompt", *OPTIONAL_TEXT, *OPTIONAL_NUMBERS, *OPTIONAL_FLAGS):
             tensor = self.pb.get_input_tensor_by_name(request, name)
             if tensor is not None:
                 arrays[name] = tensor.as_numpy()

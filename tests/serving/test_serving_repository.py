@@ -13,6 +13,7 @@ from sd_deploy.serving import RepositoryConfig, write_model_repository
 from sd_deploy.serving.client import error_from_message, parse_url
 from sd_deploy.serving.repository import render_config
 from sd_deploy.serving.triton_model import (
+    PipelineModel,
     check_engine_dir,
     decode_text,
     error_message,
@@ -41,11 +42,14 @@ def test_repository_layout_and_config(tiny_engine_fp32, tmp_path):
         ("width", "TYPE_INT32"),
         ("height", "TYPE_INT32"),
         ("sampler", "TYPE_STRING"),
+        ("clip_skip", "TYPE_INT32"),
+        ("emphasis", "TYPE_BOOL"),
         ("image", "TYPE_UINT8"),
         ("parameters", "TYPE_STRING"),
     ]:
         assert f'name: "{name}" data_type: {dtype}' in text
-    assert text.count("optional: true") == 7  # everything but prompt
+    assert text.count("optional: true") == 9  # everything but prompt
+    assert '{ key: "precision" value: { string_value: "auto" } }' in text
     model_py = (model / "1" / "model.py").read_text()
     assert "from sd_deploy.serving.triton_model import TritonPythonModel" in model_py
     assert not list((tmp_path / "repo").glob(".*"))  # no staging leftovers
@@ -79,6 +83,9 @@ def test_repository_refusals(tiny_engine_fp32, tmp_path):
         (RepositoryConfig(max_batch=-1), "max-batch"),
         (RepositoryConfig(instances=0), "instances"),
         (RepositoryConfig(kind="tpu"), "kind"),
+        (RepositoryConfig(precision="fp16"), "unknown precision 'fp16'"),
+        (RepositoryConfig(backend="onnxruntime-cpu", precision="bf16"), "needs --backend openvino"),
+        (RepositoryConfig(backend="cuda"), "unknown backend 'cuda'"),
     ]:
         with pytest.raises(UserError, match=match):
             write_model_repository(tiny_engine_fp32, tmp_path / "other", bad)
@@ -136,3 +143,34 @@ def test_decode_text_and_rows():
             {"prompt": np.array([[b"a"], [b"b"]], dtype=object), "seed": np.array([[1]])},
             batched=True,
         )
+
+
+def test_the_model_reads_clip_skip_and_emphasis(tiny_engine_fp32):
+    """Prompt reading as sd-run's --clip-skip / --no-emphasis, refused when ill-typed."""
+    model = PipelineModel(tiny_engine_fp32, backend="onnxruntime-cpu", threads=1)
+    request = model.parse(
+        {"prompt": b"(a red:1.3) ring", "clip_skip": np.int32(2), "emphasis": np.bool_(False)}
+    )
+    assert request.clip_skip == 2 and request.emphasis is False
+    assert model.parse({"prompt": b"x"}).emphasis is True
+    for row, message in [
+        ({"clip_skip": np.int32(0)}, "clip_skip must be an integer >= 1"),
+        ({"clip_skip": np.float32(1.5)}, "clip_skip must be an integer, got 1.5"),
+        ({"steps": 4.5}, "steps must be an integer, got 4.5"),
+        ({"emphasis": np.int32(1)}, "emphasis must be a boolean, got int32"),
+    ]:
+        with pytest.raises(RequestError, match=message):
+            model.parse({"prompt": b"x", **row})
+
+
+def test_the_model_computes_at_the_exported_precision(tiny_engine_fp32, tmp_path):
+    """sd-triton export --precision reaches the instances' backend (OpenVINO)."""
+    pytest.importorskip("openvino")
+    model_dir = write_model_repository(
+        tiny_engine_fp32, tmp_path / "repo", RepositoryConfig(backend="openvino", precision="fp32")
+    )
+    text = (model_dir / "config.pbtxt").read_text()
+    assert '{ key: "precision" value: { string_value: "fp32" } }' in text
+    model = PipelineModel(tiny_engine_fp32, backend="openvino", precision="fp32", threads=1)
+    backend = model.pipeline.backend
+    assert backend.requested_precision == "fp32" and backend.compute_precision() == "fp32"

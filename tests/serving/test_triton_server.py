@@ -40,7 +40,9 @@ def http_infer(server, inputs: dict, model: str = "sd", batched: bool = True):
     for name, (kind, value) in inputs.items():
         array = np.array([value], dtype=object if kind == "BYTES" else None)
         if kind != "BYTES":
-            array = array.astype({"INT64": np.int64, "INT32": np.int32, "FP32": np.float32}[kind])
+            array = array.astype(
+                {"INT64": np.int64, "INT32": np.int32, "FP32": np.float32, "BOOL": np.bool_}[kind]
+            )
         array = array.reshape(1, 1) if batched else array.reshape(1)
         tensor = httpclient.InferInput(name, list(array.shape), kind)
         tensor.set_data_from_numpy(array)
@@ -142,8 +144,23 @@ def test_concurrent_clients_batched_and_equal(server, local_pipeline):
         ({"seed": ("INT64", 1)}, "INVALID_ARGUMENT: prompt is required"),
         ({"prompt": ("BYTES", b"y" * 10_000)}, "INVALID_ARGUMENT: prompt has 10000 characters"),
         ({"prompt": ("BYTES", b"caf\xe9 \xff")}, "INVALID_ARGUMENT: prompt is not UTF-8"),
+        ({"prompt": ("BYTES", b"x"), "clip_skip": ("INT32", 0)}, "INVALID_ARGUMENT: clip_skip"),
+        ({"prompt": ("BYTES", b"x"), "clip_skip": ("INT32", 99)}, "INVALID_ARGUMENT: clip skip 99"),
+        # Triton itself checks the type against config.pbtxt
+        ({"prompt": ("BYTES", b"x"), "emphasis": ("INT32", 1)}, "'INT32', but .* expects 'BOOL'"),
     ],
-    ids=["width500", "steps0", "sampler", "guidance", "no-prompt", "10k-prompt", "not-utf8"],
+    ids=[
+        "width500",
+        "steps0",
+        "sampler",
+        "guidance",
+        "no-prompt",
+        "10k-prompt",
+        "not-utf8",
+        "clip-skip0",
+        "clip-skip99",
+        "emphasis-int",
+    ],
 )
 def test_bad_input_is_an_error_response(server, inputs, message):
     import re
@@ -279,14 +296,21 @@ def test_serve_command_prints_urls_and_stops_on_sigint(tmp_path, repository, stu
     assert f"--http-port={port}" not in ps
 
 
-def test_sd_run_server_writes_the_same_png(server, default_engine, tmp_path):
-    """sd-run --server: same pixels and the same parameters chunk as local sd-run."""
+@pytest.mark.parametrize(
+    "reading",
+    [[], ["--clip-skip", "2", "--no-emphasis"]],
+    ids=["defaults", "clip-skip-no-emphasis"],
+)
+def test_sd_run_server_writes_the_same_png(server, default_engine, tmp_path, reading):
+    """sd-run --server: same pixels and the same parameters chunk as local sd-run, with
+    the prompt read as asked (the served model takes clip_skip and emphasis inputs)."""
     from click.testing import CliRunner
     from PIL import Image
 
     from sd_deploy.cli import run_command
 
-    common = ["--prompt", "a green ring", "--seed", "5", "--steps", "4", "--batch", "2"]
+    common = ["--prompt", "a (green:1.4) ring", "--seed", "5", "--steps", "4", "--batch", "2"]
+    common += reading
     remote = CliRunner().invoke(
         run_command, [*common, "--server", server.http_url, "--out", str(tmp_path / "r.png")]
     )
@@ -309,6 +333,16 @@ def test_sd_run_server_writes_the_same_png(server, default_engine, tmp_path):
             assert got.tobytes() == ref.tobytes()
             assert got.text["parameters"] == ref.text["parameters"]
             assert f"Seed: {5 + i}" in got.text["parameters"]
+            assert ("Clip skip: 2" in got.text["parameters"]) == bool(reading)
+    if not reading:
+        return
+    plain = CliRunner().invoke(
+        run_command,
+        [*common[:8], "--server", server.http_url, "--out", str(tmp_path / "p.png")],
+    )
+    assert plain.exit_code == 0, plain.output
+    with Image.open(tmp_path / "p-0.png") as plain_image, Image.open(tmp_path / "r-0.png") as r:
+        assert plain_image.tobytes() != r.tobytes()  # the inputs reached the model
     bad = CliRunner().invoke(
         run_command, ["--prompt", "x", "--width", "500", "--server", server.http_url]
     )

@@ -43,21 +43,24 @@ def select_backend(
     threads = options.threads
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise UserError(f"threads must be >= 1, got {threads}")
-    if name not in BACKEND_NAMES:
-        raise UserError(f"unknown backend {name!r}; choose from {', '.join(BACKEND_NAMES)}")
-    if options.precision not in PRECISIONS:
-        raise UserError(
-            f"unknown precision {options.precision!r}; choose from {', '.join(PRECISIONS)}"
-        )
-    openvino_only = options.precision in OPENVINO_PRECISIONS
-    if openvino_only and name not in ("auto", "openvino"):
-        raise UserError(_needs_openvino(options.precision, name))
+    check_precision(name, options.precision)
     backend, reason = _select(name, engine_dir, manifest, options)
-    if openvino_only and backend.name != "openvino":
+    if options.precision in OPENVINO_PRECISIONS and backend.name != "openvino":
         raise UserError(
             _needs_openvino(options.precision, backend.name) + f"; auto chose it: {reason}"
         )
     return backend, reason
+
+
+def check_precision(name: str, precision: str) -> None:
+    """Refuse an unknown backend or precision, or a precision that backend `name` cannot
+    compute in (bf16 and int8 are OpenVINO's); `auto` is settled when it has chosen."""
+    if name not in BACKEND_NAMES:
+        raise UserError(f"unknown backend {name!r}; choose from {', '.join(BACKEND_NAMES)}")
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if precision in OPENVINO_PRECISIONS and name not in ("auto", "openvino"):
+        raise UserError(_needs_openvino(precision, name))
 
 
 def _needs_openvino(precision: str, name: str) -> str:
@@ -136,6 +139,7 @@ __all__ = [
     "PRECISIONS",
     "Backend",
     "ComponentSession",
+    "check_precision",
     "select_backend",
     "tensorrt_ready",
 ]
