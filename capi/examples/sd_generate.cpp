@@ -28,7 +28,8 @@ const char kUsage[] =
     "usage: sd-generate-c --engine-dir DIR --prompt TEXT [--negative-prompt TEXT]\n"
     "         [--width N] [--height N] [--steps N] [--guidance F] [--sampler NAME]\n"
     "         [--seed N] [--batch N] [--init-image FILE.ppm] [--strength F]\n"
-    "         [--backend NAME] [--out FILE.png|FILE.ppm] [--quiet]\n";
+    "         [--clip-skip N] [--no-emphasis] [--backend NAME] [--precision NAME]\n"
+    "         [--threads N] [--out FILE.png|FILE.ppm] [--quiet]\n";
 
 // ---------------------------------------------------------------- PNG / PPM
 
@@ -166,6 +167,7 @@ int show_progress(int step, int steps, void *) {
 int main(int argc, char **argv) {
   std::map<std::string, std::string> flags;
   bool quiet = false;
+  bool no_emphasis = false;
   for (int i = 1; i < argc; ++i) {
     std::string arg = argv[i];
     if (arg == "--help" || arg == "-h") {
@@ -174,6 +176,8 @@ int main(int argc, char **argv) {
     }
     if (arg == "--quiet") {
       quiet = true;
+    } else if (arg == "--no-emphasis") {
+      no_emphasis = true;
     } else if (arg.rfind("--", 0) == 0 && i + 1 < argc) {
       flags[arg.substr(2)] = argv[++i];
     } else {
@@ -183,7 +187,8 @@ int main(int argc, char **argv) {
   }
   static const char *known[] = {"engine-dir", "prompt", "negative-prompt", "width", "height",
                                 "steps", "guidance", "sampler", "seed", "batch", "init-image",
-                                "strength", "backend", "out"};
+                                "strength", "clip-skip", "backend", "precision", "threads",
+                                "out"};
   for (const auto &[name, value] : flags) {
     bool ok = false;
     for (const char *k : known) ok = ok || name == k;
@@ -204,6 +209,11 @@ int main(int argc, char **argv) {
   sd_request req;
   sd_request_init(&req);
   req.prompt = get("prompt")->c_str();
+  req.emphasis = no_emphasis ? 0 : 1;
+  sd_pipeline_options options;
+  sd_pipeline_options_init(&options);
+  if (auto v = get("backend")) options.backend = v->c_str();
+  if (auto v = get("precision")) options.precision = v->c_str();
   if (auto v = get("negative-prompt")) req.negative_prompt = v->c_str();
   if (auto v = get("sampler")) req.sampler = v->c_str();
   try {
@@ -214,6 +224,8 @@ int main(int argc, char **argv) {
     if (auto v = get("guidance")) req.guidance = std::stof(*v);
     if (auto v = get("seed")) req.seed = std::stoll(*v);
     if (auto v = get("strength")) req.strength = std::stof(*v);
+    if (auto v = get("clip-skip")) req.clip_skip = std::stoi(*v);
+    if (auto v = get("threads")) options.threads = std::stoi(*v);
   } catch (const std::exception &) {
     std::cerr << "sd-generate-c: a numeric option is not a number\n";
     return 2;
@@ -231,11 +243,9 @@ int main(int argc, char **argv) {
   }
   if (!quiet) req.progress = show_progress;
   const std::string out = get("out") ? *get("out") : "sd-generate-c.png";
-  const std::string *backend = get("backend");
 
   sd_pipeline *pipe = nullptr;
-  if (sd_pipeline_create(get("engine-dir")->c_str(), backend ? backend->c_str() : nullptr,
-                         &pipe) != SD_OK) {
+  if (sd_pipeline_create_with_options(get("engine-dir")->c_str(), &options, &pipe) != SD_OK) {
     std::cerr << "sd-generate-c: " << sd_last_error() << "\n";
     return 1;
   }

@@ -56,7 +56,7 @@ extern "C" {
 #endif
 
 #define SD_DEPLOY_VERSION_MAJOR 0
-#define SD_DEPLOY_VERSION_MINOR 1
+#define SD_DEPLOY_VERSION_MINOR 2
 #define SD_DEPLOY_VERSION_PATCH 0
 
 typedef struct sd_pipeline sd_pipeline; /* opaque */
@@ -94,17 +94,43 @@ typedef struct {
   float strength;              /* img2img only, (0, 1]; sd_request_init: 0.8 */
   sd_progress_fn progress;     /* may be NULL */
   void *progress_user;
+  /* 0.2 additions: how the prompt is read, as sd-run's --clip-skip / --no-emphasis */
+  int32_t clip_skip;           /* 0: 1 (the last layer); A1111's Clip skip */
+  int32_t emphasis;            /* nonzero: "(word:1.3)" weights and BREAK; 0: plain text;
+                                  sd_request_init: 1 */
 } sd_request;
 
-/* Every field to its default: prompt NULL (must be set), 0 for sizes/steps/batch,
- * guidance -1, seed -1 (random), strength 0.8, no init image, no callback. */
+/* Every field to its default: prompt NULL (must be set), 0 for sizes/steps/batch and
+ * clip_skip, guidance -1, seed -1 (random), strength 0.8, emphasis 1, no init image, no
+ * callback. */
 SD_API void sd_request_init(sd_request *req);
+
+/* How a pipeline runs its graphs (0.2 addition), as sd-run's options. */
+typedef struct {
+  const char *backend;   /* NULL: "auto"; a name as sd-run --backend takes */
+  const char *precision; /* NULL: "auto"; OpenVINO's compute precision: auto, fp32, bf16 or
+                            int8 (sd-quantize's int8-weight UNet); other backends run the
+                            graphs as exported and refuse bf16 and int8 */
+  int32_t threads;       /* 0: the backend's default (one per physical core) */
+  int32_t graph_cache;   /* nonzero: keep optimized / compiled graphs in the engine dir */
+} sd_pipeline_options;
+
+/* Every field to its default: backend and precision NULL ("auto"), threads 0,
+ * graph_cache 1. */
+SD_API void sd_pipeline_options_init(sd_pipeline_options *opts);
 
 /* Load the engine dir's manifest and choose the backend (NULL: "auto"; otherwise a name
  * as sd-run --backend takes, e.g. "onnxruntime-cpu"). Components load on first use.
  * On failure *out is NULL. */
 SD_API sd_status sd_pipeline_create(const char *engine_dir, const char *backend,
                                     sd_pipeline **out);
+
+/* sd_pipeline_create with every option (NULL opts: the defaults of
+ * sd_pipeline_options_init). A precision the backend cannot compute in, or threads < 0,
+ * is SD_ERR_INVALID_ARGUMENT. (0.2 addition) */
+SD_API sd_status sd_pipeline_create_with_options(const char *engine_dir,
+                                                 const sd_pipeline_options *opts,
+                                                 sd_pipeline **out);
 
 /* batch x height x width x 3 for req with every default filled in, or 0 if req is invalid
  * (then sd_last_error() says why). */

@@ -33,6 +33,8 @@ class SdRequest(ctypes.Structure):
         ("strength", ctypes.c_float),
         ("progress", PROGRESS_FN),
         ("progress_user", ctypes.c_void_p),
+        ("clip_skip", ctypes.c_int32),
+        ("emphasis", ctypes.c_int32),
     ]
 
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from sd_deploy.runtime import GenerationRequest, Pipeline, UserError
+from sd_deploy.runtime import BackendOptions, GenerationRequest, Pipeline, UserError
 
 # The ErrorCode values sd_deploy.h has an sd_status for (the same numbers). A UserError
 # with another code is still the caller's to fix: SD_ERR_INVALID_ARGUMENT. Any other
@@ -30,8 +30,14 @@ def claim_stdout() -> None:
     sys.stdout = sys.stderr
 
 
-def open_pipeline(engine_dir: str, backend: str | None) -> Pipeline:
-    return Pipeline(engine_dir, backend=backend or "auto")
+def open_pipeline(
+    engine_dir: str, backend: str | None, precision: str | None, threads: int, graph_cache: int
+) -> Pipeline:
+    """sd_pipeline_options (NULL, 0: the default) as a Pipeline."""
+    options = BackendOptions(
+        threads=threads or None, graph_cache=bool(graph_cache), precision=precision or "auto"
+    )
+    return Pipeline(engine_dir, backend=backend or "auto", options=options)
 
 
 def backend_name(pipe: Pipeline) -> str:
@@ -58,6 +64,8 @@ def make_request(
     init_width: int,
     init_height: int,
     strength: float,
+    clip_skip: int,
+    emphasis: int,
 ) -> GenerationRequest:
     """sd_request's conventions (0, negative or NULL: the default) as a GenerationRequest."""
     init_image = None
@@ -75,6 +83,8 @@ def make_request(
         batch=batch or 1,
         init_image=init_image,
         strength=as_decimal(strength),
+        clip_skip=clip_skip or None,
+        emphasis=bool(emphasis),
     )
 
 

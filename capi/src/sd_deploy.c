@@ -72,7 +72,7 @@ const char *sd_status_name(sd_status status) {
   return "SD_ERR_UNKNOWN";
 }
 
-const char *sd_version(void) { return "0.1.0"; }
+const char *sd_version(void) { return "0.2.0"; }
 
 /* ---------------------------------------------------------------- interpreter */
 
@@ -201,10 +201,39 @@ static sd_status fail_from_python(const char *what) {
 
 /* ---------------------------------------------------------------- pipelines */
 
+void sd_pipeline_options_init(sd_pipeline_options *opts) {
+  if (!opts) return;
+  memset(opts, 0, sizeof *opts);
+  opts->graph_cache = 1;
+}
+
 sd_status sd_pipeline_create(const char *engine_dir, const char *backend, sd_pipeline **out) {
+  sd_pipeline_options opts;
+  sd_pipeline_options_init(&opts);
+  opts.backend = backend;
+  return sd_pipeline_create_with_options(engine_dir, &opts, out);
+}
+
+/* A C string as a Python str, NULL as None; NULL (error set) if it is not UTF-8. */
+static PyObject *text_or_none(const char *text) {
+  if (text) return PyUnicode_FromString(text);
+  Py_INCREF(Py_None);
+  return Py_None;
+}
+
+sd_status sd_pipeline_create_with_options(const char *engine_dir,
+                                          const sd_pipeline_options *options,
+                                          sd_pipeline **out) {
   if (!out) return fail(SD_ERR_INVALID_ARGUMENT, "sd_pipeline_create: out is NULL");
   *out = NULL;
   if (!engine_dir) return fail(SD_ERR_INVALID_ARGUMENT, "sd_pipeline_create: engine_dir is NULL");
+  sd_pipeline_options defaults;
+  sd_pipeline_options_init(&defaults);
+  const sd_pipeline_options *opts = options ? options : &defaults;
+  if (opts->threads < 0) {
+    return fail(SD_ERR_INVALID_ARGUMENT, "sd_pipeline_create: threads must be >= 0 (0: the "
+                "backend's default), got %d", (int)opts->threads);
+  }
   sd_status status = ensure_python();
   if (status != SD_OK) return status;
 
@@ -214,12 +243,14 @@ sd_status sd_pipeline_create(const char *engine_dir, const char *backend, sd_pip
 
   PyGILState_STATE gil = PyGILState_Ensure();
   PyObject *dir = PyUnicode_DecodeFSDefault(engine_dir);
-  PyObject *name = backend ? PyUnicode_FromString(backend) : (Py_INCREF(Py_None), Py_None);
-  if (!dir || !name) {
+  PyObject *name = text_or_none(opts->backend);
+  PyObject *precision = text_or_none(opts->precision);
+  if (!dir || !name || !precision) {
     PyErr_Clear();
-    status = fail(SD_ERR_INVALID_ARGUMENT, "engine_dir or backend is not valid text");
+    status = fail(SD_ERR_INVALID_ARGUMENT, "engine_dir, backend or precision is not valid text");
   } else {
-    p->pipe = PyObject_CallMethod(bridge, "open_pipeline", "OO", dir, name);
+    p->pipe = PyObject_CallMethod(bridge, "open_pipeline", "OOOii", dir, name, precision,
+                                  (int)opts->threads, opts->graph_cache ? 1 : 0);
     if (!p->pipe) status = fail_from_python("opening the pipeline");
   }
   if (status == SD_OK) {
@@ -231,6 +262,7 @@ sd_status sd_pipeline_create(const char *engine_dir, const char *backend, sd_pip
   }
   Py_XDECREF(dir);
   Py_XDECREF(name);
+  Py_XDECREF(precision);
   if (status != SD_OK) {
     Py_CLEAR(p->pipe);
     PyGILState_Release(gil);
@@ -286,6 +318,7 @@ void sd_request_init(sd_request *req) {
   req->guidance = -1.0f;
   req->seed = -1;
   req->strength = 0.8f;
+  req->emphasis = 1;
 }
 
 /* Checks that need no Python: NULLs and sizes a C caller can get wrong. */
@@ -305,10 +338,8 @@ static sd_status check_request(const sd_request *req) {
 /* The bridge's GenerationRequest for req (GIL held); NULL with this thread's error set. */
 static PyObject *python_request(const sd_request *req, sd_status *status) {
   PyObject *prompt = PyUnicode_FromString(req->prompt);
-  PyObject *negative = req->negative_prompt ? PyUnicode_FromString(req->negative_prompt)
-                                            : (Py_INCREF(Py_None), Py_None);
-  PyObject *sampler = req->sampler ? PyUnicode_FromString(req->sampler)
-                                   : (Py_INCREF(Py_None), Py_None);
+  PyObject *negative = text_or_none(req->negative_prompt);
+  PyObject *sampler = text_or_none(req->sampler);
   PyObject *init = NULL;
   PyObject *request = NULL;
   if (!prompt || !negative || !sampler) {
@@ -326,11 +357,12 @@ static PyObject *python_request(const sd_request *req, sd_status *status) {
     *status = fail_from_python("copying the init image");
     goto done;
   }
-  request = PyObject_CallMethod(bridge, "make_request", "OOOiiiidLOiid", prompt, negative,
+  request = PyObject_CallMethod(bridge, "make_request", "OOOiiiidLOiidii", prompt, negative,
                                 sampler, (int)req->width, (int)req->height, (int)req->steps,
                                 (int)req->batch, (double)req->guidance, (long long)req->seed,
                                 init, (int)req->init_width, (int)req->init_height,
-                                (double)req->strength);
+                                (double)req->strength, (int)req->clip_skip,
+                                req->emphasis ? 1 : 0);
   if (!request) *status = fail_from_python("building the request");
 done:
   Py_XDECREF(prompt);

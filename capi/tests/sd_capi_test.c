@@ -6,7 +6,7 @@
  *
  *   sd_capi_test [--steps N] [--backend NAME] ENGINE_DIR OUT_DIR [CASE ...]
  *
- * Cases: txt2img img2img batch2 defaults errors threads gil python_missing (the last only on
+ * Cases: txt2img img2img batch2 defaults options errors threads gil python_missing (the last only on
  * request: it expects the interpreter to be unusable). Exit status 0 when every check
  * passed. Requests use 20 steps unless --steps says otherwise, and the "auto" backend
  * unless --backend names one (the sanitizer run needs ONNX Runtime: OpenVINO's TBB loads
@@ -191,6 +191,36 @@ static void case_defaults(void) {
   sd_pipeline_free(p);
 }
 
+/* sd_pipeline_create_with_options, and the request's prompt-reading fields. */
+static void case_options(void) {
+  sd_pipeline_options opts;
+  sd_pipeline_options_init(&opts);
+  CHECK(!opts.backend && !opts.precision && opts.threads == 0 && opts.graph_cache == 1,
+        "sd_pipeline_options_init left a field off its default");
+  opts.backend = backend;
+  opts.threads = 1;
+  sd_pipeline *p = NULL;
+  sd_status s = sd_pipeline_create_with_options(engine_dir, &opts, &p);
+  CHECK(s == SD_OK && p != NULL, "sd_pipeline_create_with_options returned %s",
+        sd_status_name(s));
+  if (!p) return;
+  sd_request req = base_request("a (red:1.4) star BREAK on a white background", 7);
+  CHECK(req.clip_skip == 0 && req.emphasis == 1, "sd_request_init: clip_skip %d emphasis %d",
+        (int)req.clip_skip, (int)req.emphasis);
+  req.clip_skip = 2;
+  req.emphasis = 0;
+  size_t n = 0;
+  uint8_t *rgb = generate(p, &req, &n, 64, 64, 1);
+  if (rgb) {
+    write_bytes("options.rgb", rgb, n);
+    write_text("options.txt", sd_last_parameters(p));
+    CHECK(strstr(sd_last_parameters(p), "Clip skip: 2") != NULL,
+          "parameters lack the clip skip: %s", sd_last_parameters(p));
+  }
+  free(rgb);
+  sd_pipeline_free(p);
+}
+
 /* ---------------------------------------------------------------- errors */
 
 static FILE *errors_file;
@@ -282,6 +312,14 @@ static void case_errors(void) {
   CHECK(c.calls == 3 && c.last_step == 2 && c.steps == steps,
         "cancel: %d calls, last step %d of %d", c.calls, c.last_step, c.steps);
 
+  req = base_request("a red circle on a white background", 1);
+  req.clip_skip = 99;
+  record("clip_skip_99", sd_generate(p, &req, rgb, capacity, NULL, NULL, NULL),
+         SD_ERR_INVALID_ARGUMENT);
+  req.clip_skip = -1;
+  record("clip_skip_negative", sd_generate(p, &req, rgb, capacity, NULL, NULL, NULL),
+         SD_ERR_INVALID_ARGUMENT);
+
   req = base_request("a red circle <lora:no_such_lora:1>", 1);
   record("lora_missing", sd_generate(p, &req, rgb, capacity, NULL, NULL, NULL),
          SD_ERR_CHECKPOINT);
@@ -300,7 +338,26 @@ static void case_errors(void) {
   record("after_errors", sd_generate(p, &req, rgb, capacity, NULL, NULL, NULL), SD_OK);
   CHECK(c.calls == steps, "progress called %d times for %d steps", c.calls, steps);
 
-  sd_pipeline *other = NULL;
+  sd_pipeline_options opts;
+  sd_pipeline_options_init(&opts);
+  opts.backend = "onnxruntime-cpu";
+  opts.precision = "bf16";
+  sd_pipeline *other = (sd_pipeline *)1;
+  record("bf16_on_onnxruntime", sd_pipeline_create_with_options(engine_dir, &opts, &other),
+         SD_ERR_INVALID_ARGUMENT);
+  CHECK(other == NULL, "a failed create left *out set");
+  opts.backend = NULL;
+  opts.precision = "fp16";
+  record("unknown_precision", sd_pipeline_create_with_options(engine_dir, &opts, &other),
+         SD_ERR_INVALID_ARGUMENT);
+  opts.precision = NULL;
+  opts.threads = -1;
+  record("threads_negative", sd_pipeline_create_with_options(engine_dir, &opts, &other),
+         SD_ERR_INVALID_ARGUMENT);
+  record("null_options", sd_pipeline_create_with_options(engine_dir, NULL, &other), SD_OK);
+  sd_pipeline_free(other);
+
+  other = NULL;
   sd_status s = sd_pipeline_create(engine_dir, "no-such-backend", &other);
   fprintf(errors_file, "unknown_backend\t%s\t%s\n", sd_status_name(s), sd_last_error());
   CHECK(s != SD_OK && other == NULL, "an unknown backend was accepted");
@@ -456,8 +513,8 @@ typedef struct {
 static const test_case cases[] = {
     {"txt2img", case_txt2img, 1},   {"img2img", case_img2img, 1},
     {"batch2", case_batch2, 1},     {"defaults", case_defaults, 1},
-    {"errors", case_errors, 1},     {"threads", case_threads, 1},
-    {"gil", case_gil, 1},
+    {"options", case_options, 1},   {"errors", case_errors, 1},
+    {"threads", case_threads, 1},   {"gil", case_gil, 1},
     {"python_missing", case_python_missing, 0},
 };
 

@@ -8,6 +8,8 @@ import sysconfig
 from pathlib import Path
 
 CAPI = Path(__file__).resolve().parents[2] / "capi"
+# sd_capi_test's default cases, in the order it runs and reports them ("ok NAME" each)
+DEFAULT_CASES = ("txt2img", "img2img", "batch2", "defaults", "options", "errors", "threads", "gil")
 
 
 def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:

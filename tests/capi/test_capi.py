@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from capi_support import CAPI, cmake_configure, run
+from capi_support import CAPI, DEFAULT_CASES, cmake_configure, run
 
 PROMPT_TXT2IMG = "a red star on a white background"
 
@@ -50,16 +50,7 @@ def c_results(capi_build, default_engine_dir, clean_env, tmp_path_factory) -> Pa
     assert done.returncode == 0, done.stdout + done.stderr
     # The library prints nothing to stdout: only the test program's own lines are there.
     assert all(re.fullmatch(r"ok \w+", line) for line in done.stdout.splitlines()), done.stdout
-    assert done.stdout.split() == ["ok", "txt2img", "ok", "img2img", "ok", "batch2"] + [
-        "ok",
-        "defaults",
-        "ok",
-        "errors",
-        "ok",
-        "threads",
-        "ok",
-        "gil",
-    ]
+    assert done.stdout.split() == [w for case in DEFAULT_CASES for w in ("ok", case)]
     return out
 
 
@@ -117,6 +108,27 @@ def seed_of(parameters: str) -> int:
     return int(found.group(1))
 
 
+def test_options_and_prompt_reading_are_byte_identical_to_python(c_results, default_engine_dir):
+    """sd_pipeline_create_with_options (threads 1) and clip_skip 2 / emphasis 0, against
+    Python's Pipeline with the same options and request."""
+    from sd_deploy.runtime import BackendOptions, Pipeline
+
+    with Pipeline(default_engine_dir, options=BackendOptions(threads=1)) as pipe:
+        result = python_generate(
+            pipe,
+            prompt="a (red:1.4) star BREAK on a white background",
+            seed=7,
+            steps=20,
+            clip_skip=2,
+            emphasis=False,
+        )
+    got = read_rgb(c_results / "options.rgb", 1)
+    assert got.tobytes() == result.images.tobytes()
+    text = (c_results / "options.txt").read_text()
+    assert text == result.parameters[0].infotext()
+    assert "Clip skip: 2" in text and "Emphasis: None" in text
+
+
 def test_zero_and_negative_fields_mean_engine_defaults(c_results, python_pipe):
     first = (c_results / "defaults-1.txt").read_text()
     second = (c_results / "defaults-2.txt").read_text()
@@ -146,6 +158,12 @@ def test_every_error_code_with_its_message(c_results):
         "cancel_at_step_2": ("SD_ERR_CANCELLED", "cancel"),
         "nonfinite": ("SD_ERR_NONFINITE", "NaN"),
         "lora_missing": ("SD_ERR_CHECKPOINT", "no_such_lora"),
+        "clip_skip_99": ("SD_ERR_INVALID_ARGUMENT", "clip skip 99"),
+        "clip_skip_negative": ("SD_ERR_INVALID_ARGUMENT", "clip_skip must be an integer >= 1"),
+        "bf16_on_onnxruntime": ("SD_ERR_INVALID_ARGUMENT", "precision bf16 needs --backend"),
+        "unknown_precision": ("SD_ERR_INVALID_ARGUMENT", "unknown precision 'fp16'"),
+        "threads_negative": ("SD_ERR_INVALID_ARGUMENT", "threads must be >= 0"),
+        "null_options": ("SD_OK", ""),
         "after_errors": ("SD_OK", ""),
     }
     for name, (status, fragment) in expected.items():
@@ -251,6 +269,35 @@ def test_example_program_writes_python_identical_images(
             np.testing.assert_array_equal(np.asarray(image.convert("RGB")), result.images[i])
             assert image.info["parameters"] == infotext
         assert f"{infotext}\n-> {tmp_path / f'x-{i}.png'}" in png.stdout
+
+
+def test_example_program_takes_the_options_and_prompt_reading(
+    capi_build, default_engine_dir, clean_env, tmp_path
+):
+    """--backend --precision --threads --clip-skip --no-emphasis, against Python."""
+    pytest.importorskip("openvino")
+    from sd_deploy.runtime import BackendOptions, Pipeline
+
+    prompt = "a (blue:1.3) square BREAK on a white background"
+    options = BackendOptions(threads=1, precision="fp32")
+    with Pipeline(default_engine_dir, backend="openvino", options=options) as pipe:
+        want = python_generate(pipe, prompt=prompt, seed=2, steps=8, clip_skip=2, emphasis=False)
+    done = run(
+        [str(capi_build / "sd-generate-c"), "--engine-dir", str(default_engine_dir)]
+        + ["--prompt", prompt, "--seed", "2", "--steps", "8", "--clip-skip", "2"]
+        + ["--no-emphasis", "--backend", "openvino", "--precision", "fp32", "--threads", "1"]
+        + ["--quiet", "--out", str(tmp_path / "o.ppm")],
+        env=clean_env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    np.testing.assert_array_equal(read_ppm(tmp_path / "o.ppm"), want.images[0])
+    assert want.parameters[0].infotext() in done.stdout
+    bad = run(
+        [str(capi_build / "sd-generate-c"), "--engine-dir", str(default_engine_dir)]
+        + ["--prompt", "x", "--backend", "onnxruntime-cpu", "--precision", "bf16"],
+        env=clean_env,
+    )
+    assert bad.returncode == 1 and "precision bf16 needs --backend openvino" in bad.stderr
 
 
 def test_example_program_reports_a_user_error_on_one_line(
