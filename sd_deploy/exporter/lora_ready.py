@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -52,7 +53,9 @@ def prepare_lora_ready(onnx_path: Path, models: LoadedModels, component: str) ->
     model = onnx.load(str(onnx_path), load_external_data=True)
     table = target_table(models)
     modules = lora_modules(models)[component]
-    unused_modules = getattr(getattr(models, component), "unused_modules", tuple)()
+    unused_modules: tuple[Any, ...] = getattr(  # torch modules
+        getattr(models, component), "unused_modules", tuple
+    )()
     dead = {id(m) for unused in unused_modules for m in unused.modules()}
     unused = sorted(target for target, module in modules.items() if id(module) in dead)
     weights = {

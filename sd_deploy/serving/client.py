@@ -118,7 +118,8 @@ class RemotePipeline:
             self._max_batch = int(config.get("max_batch_size", 0))
         return self._max_batch
 
-    def _unreachable(self, exc: Exception) -> UserError:
+    def _unreachable(self, exc: Any) -> UserError:
+        """`exc`: tritonclient's InferenceServerException (its text is `message()`)."""
         return UserError(f"model {self.model} on {self.address.host_port}: {exc.message()}")
 
     def inputs(self, rows: list[dict[str, Any]]) -> list[Any]:

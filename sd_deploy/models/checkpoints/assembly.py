@@ -100,7 +100,11 @@ _COUNTS = ("channel_mult", "ch_mult", "num_res_blocks", "transformer_depth", "nu
 
 def check_sizes(config: ModelConfig) -> None:
     """Refuse absurd sizes in a config read from a file, before any module is built."""
-    parts = {"unet": config.unet, "vae": config.vae, "text_encoder": config.text_encoder}
+    parts: dict[str, Any] = {
+        "unet": config.unet,
+        "vae": config.vae,
+        "text_encoder": config.text_encoder,
+    }
     if getattr(config, "text_encoder_2", None) is not None:
         parts["text_encoder_2"] = config.text_encoder_2
     for part, cfg in parts.items():

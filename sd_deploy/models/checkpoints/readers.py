@@ -173,7 +173,7 @@ class BoundedFile(io.FileIO):
     def read(self, size: int | None = -1) -> bytes:
         if size is not None and size >= 0:
             size = min(size, max(self._size - self.tell(), 0))
-        return super().read(size)  # type: ignore[return-value]
+        return super().read(size)
 
 
 class MultiReader(Reader):
