@@ -354,6 +354,22 @@ def test_auto_runs_the_int8_graph_and_fp32_or_bf16_the_onnx_graph(int8_engine, m
     assert backend.open(int8_engine, text).path == int8_engine / "text_encoder" / "model.onnx"
 
 
+def test_the_backend_line_says_int8_before_anything_is_opened(
+    int8_engine, default_engine, manifest
+):
+    """sd-run prints describe() before the UNet loads: under auto it names the int8 graph
+    where the engine dir has a fresh one, and only there."""
+    from sd_deploy.runtime.backends import select_backend
+    from sd_deploy.runtime.request import BackendOptions
+
+    for engine, weights in ((int8_engine, "int8-"), (default_engine, "")):
+        backend, _ = select_backend("openvino", engine, manifest, BackendOptions())
+        compute = "bf16" if ov_backend.bf16_hardware() else "fp32"
+        assert f"; {weights}{compute}, auto: " in backend.describe()
+    fp32, _ = select_backend("openvino", int8_engine, manifest, BackendOptions(precision="fp32"))
+    assert "; fp32, asked for fp32" in fp32.describe()
+
+
 @pytest.mark.parametrize(
     ("damage", "reason"),
     [

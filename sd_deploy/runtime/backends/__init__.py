@@ -67,10 +67,16 @@ def _needs_openvino(precision: str, name: str) -> str:
     return f"precision {precision} needs --backend openvino ({name} runs the graphs as exported)"
 
 
-def _openvino(options: BackendOptions) -> Backend:
+def _openvino(options: BackendOptions, engine_dir: Path, manifest: Manifest) -> Backend:
     from sd_deploy.runtime.backends.openvino import OpenVinoBackend
 
-    return OpenVinoBackend(options.precision, threads=options.threads, cache=options.graph_cache)
+    return OpenVinoBackend(
+        options.precision,
+        threads=options.threads,
+        cache=options.graph_cache,
+        engine_dir=Path(engine_dir),
+        manifest=manifest,
+    )
 
 
 def _select(
@@ -78,7 +84,7 @@ def _select(
 ) -> tuple[Backend, str]:
     threads, graph_cache = options.threads, options.graph_cache
     if name == "openvino":
-        return _openvino(options), "requested --backend openvino"
+        return _openvino(options, engine_dir, manifest), "requested --backend openvino"
     if name == "tensorrt":
         from sd_deploy.runtime.backends.tensorrt import TensorRTBackend
 
@@ -122,7 +128,8 @@ def _select(
                 if bf16
                 else "onnxruntime is not installed"
             )
-            return _openvino(options), f"auto: OpenVINO on the CPU because {trt_reason}, {why}"
+            reason = f"auto: OpenVINO on the CPU because {trt_reason}, {why}"
+            return _openvino(options, engine_dir, manifest), reason
     if not has_ort:
         raise UserError(
             f"no usable backend: {trt_reason}, and neither onnxruntime nor openvino is "

@@ -51,7 +51,7 @@ from sd_deploy.engine_dir.int8_graphs import (
     int8_status,
     quantize_command,
 )
-from sd_deploy.engine_dir.manifest import ComponentSpec
+from sd_deploy.engine_dir.manifest import ComponentSpec, Manifest
 from sd_deploy.engine_dir.plans import Fresh
 from sd_deploy.errors import UserError, first_line
 from sd_deploy.runtime.backends.base import Backend, ComponentSession
@@ -205,10 +205,14 @@ class OpenVinoBackend(Backend):
         threads: int | None = None,
         cache: bool = True,
         static_shapes: bool | None = None,
+        engine_dir: Path | None = None,
+        manifest: Manifest | None = None,
     ) -> None:
         """`precision`: auto, fp32 or bf16 (see the module docstring); `threads`: OpenVINO's
         inference threads (None: its default, one per physical core); `cache`: keep compiled
-        models in the engine dir; `static_shapes`: None takes STATIC_SHAPES_DEFAULT."""
+        models in the engine dir; `static_shapes`: None takes STATIC_SHAPES_DEFAULT;
+        `engine_dir` and its `manifest`, where known, let describe() say before anything is
+        opened whether the UNet will run its int8 graph."""
         if precision not in PRECISIONS:
             raise UserError(f"unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
         if threads is not None and threads < 1:
@@ -222,16 +226,27 @@ class OpenVinoBackend(Backend):
         self.static_shapes = STATIC_SHAPES_DEFAULT if static_shapes is None else static_shapes
         # Component name -> (precision, why), filled as components are opened.
         self.precisions: dict[str, tuple[str, str]] = {}
+        self.engine_dir, self.manifest = engine_dir, manifest
 
     def describe(self) -> str:
         chosen = ", ".join(f"{name} {p}" for name, (p, _) in self.precisions.items())
         if not chosen:  # nothing opened yet (sd-run prints this first): the rule's answer
             precision, why = resolve_precision(self.requested_precision, "unet")
-            weights = "int8-" if self.requested_precision == "int8" else ""
+            weights = "int8-" if self.will_run_int8_unet() else ""
             chosen = f"{weights}{precision}, {why}"
         shapes = "static" if self.static_shapes else "dynamic"
         details = f"CPU, {shapes} shapes" + (f"; {chosen}" if chosen else "")
         return f"openvino {self.version} ({details})"
+
+    def will_run_int8_unet(self) -> bool:
+        """Whether opening the UNet will pick its int8 graph (int8 asked for, or auto with a
+        fresh one in the engine dir, when the engine dir is known)."""
+        if self.requested_precision == "int8":
+            return True
+        unet = self.manifest.components.get("unet") if self.manifest else None
+        if self.requested_precision != "auto" or unet is None or self.engine_dir is None:
+            return False
+        return isinstance(int8_status(self.engine_dir, unet), Fresh)
 
     def compute_precision(self) -> str:
         """For image parameters and reports: the UNet's precision (where the time goes), with
