@@ -64,6 +64,7 @@ class Progress:
     enabled: bool
     total: int
     bar: Any = None
+    done: int = 0  # steps counted so far
 
     def __enter__(self) -> Progress:
         if self.enabled:
@@ -77,6 +78,7 @@ class Progress:
             self.bar.close()
 
     def step(self) -> None:
+        self.done += 1
         if self.bar is not None:
             self.bar.update(1)
 
@@ -89,6 +91,11 @@ class Progress:
         if self.bar is not None:
             self.bar.total -= steps
             self.bar.refresh()
+
+    def give_up(self, since: int, planned: int) -> None:
+        """A backend failed part-way: of the `planned` steps it was to count from `done`
+        == `since` on, those it has not counted will never come."""
+        self.drop(max(planned - (self.done - since), 0))
 
 
 @dataclass
@@ -284,6 +291,7 @@ def measure_engine_backend(
         if not ready:
             return skipped(entry, why, work, progress), None
     progress.phase(f"{name}: loading")
+    started = progress.done
     library = {"tensorrt": "tensorrt", "openvino": "openvino"}.get(name, "onnxruntime")
     import_s = timed_import(library) if importlib.util.find_spec(library) else None
     pipe: Pipeline | None = None
@@ -315,6 +323,7 @@ def measure_engine_backend(
     except UserError as exc:  # a backend missing here, a plan for another GPU, NaN from fp16
         if pipe is None:
             return skipped(entry, str(exc), work, progress), None
+        progress.give_up(started, work.steps_per_backend())
         entry.update(status="failed", reason=str(exc))
         return entry, None
     finally:

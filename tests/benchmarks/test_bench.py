@@ -440,3 +440,19 @@ def test_latency_chart_and_strict_json(tmp_path):
     data = strict_json({"a": math.inf, "b": [math.nan, np.float32(0.5)], "c": -math.inf})
     assert data == {"a": "inf", "b": [None, 0.5], "c": "-inf"}
     json.dumps(data, allow_nan=False)
+
+
+def test_a_backend_failing_part_way_drops_only_the_steps_it_did_not_run():
+    """The bar's total shrinks by what the failed backend will never count, so it ends full."""
+    from sd_deploy.benchmarks.harness import Progress
+
+    with Progress(True, 30) as progress:
+        for _ in range(5):  # an earlier backend's steps
+            progress.step()
+        since = progress.done
+        for _ in range(3):  # the failing backend ran 3 of its 10
+            progress.step()
+        progress.give_up(since, 10)
+        assert (progress.bar.n, progress.bar.total) == (8, 23)
+        progress.give_up(progress.done, 0)  # nothing planned: nothing dropped
+        assert progress.bar.total == 23
