@@ -6,11 +6,11 @@
  *
  *   sd_capi_test [--steps N] [--backend NAME] ENGINE_DIR OUT_DIR [CASE ...]
  *
- * Cases: txt2img img2img batch2 defaults options errors threads gil python_missing (the last only on
- * request: it expects the interpreter to be unusable). Exit status 0 when every check
- * passed. Requests use 20 steps unless --steps says otherwise, and the "auto" backend
- * unless --backend names one (the sanitizer run needs ONNX Runtime: OpenVINO's TBB loads
- * with RTLD_DEEPBIND, which AddressSanitizer refuses).
+ * Cases: txt2img img2img batch2 defaults options errors threads gil python_missing (the
+ * last only on request: it expects the interpreter to be unusable). Exit status 0 when
+ * every check passed. Requests use 20 steps unless --steps says otherwise, and the "auto"
+ * backend unless --backend names one (the sanitizer run needs ONNX Runtime: OpenVINO's TBB
+ * loads with RTLD_DEEPBIND, which AddressSanitizer refuses).
  */
 #define _POSIX_C_SOURCE 200809L /* clock_gettime, pthread_cond_timedwait */
 #include <pthread.h>
@@ -97,6 +97,24 @@ static uint8_t *generate(sd_pipeline *p, const sd_request *req, size_t *bytes,
   return rgb;
 }
 
+/* Generate one 64x64 image of req, write NAME.rgb and NAME.txt (its parameters) and check
+ * that the parameters contain `want`; nonzero when it was generated. */
+static int record_image(sd_pipeline *p, const sd_request *req, const char *name,
+                        const char *want) {
+  size_t n = 0;
+  uint8_t *rgb = generate(p, req, &n, 64, 64, 1);
+  if (!rgb) return 0;
+  char file[256];
+  snprintf(file, sizeof file, "%s.rgb", name);
+  write_bytes(file, rgb, n);
+  snprintf(file, sizeof file, "%s.txt", name);
+  write_text(file, sd_last_parameters(p));
+  CHECK(strstr(sd_last_parameters(p), want) != NULL, "%s: parameters lack \"%s\": %s", name,
+        want, sd_last_parameters(p));
+  free(rgb);
+  return 1;
+}
+
 /* ---------------------------------------------------------------- cases */
 
 static void case_txt2img(void) {
@@ -104,16 +122,9 @@ static void case_txt2img(void) {
   if (!p) return;
   CHECK(strcmp(sd_last_parameters(p), "") == 0, "parameters before the first generation");
   sd_request req = base_request("a red star on a white background", 7);
-  size_t n = 0;
-  uint8_t *rgb = generate(p, &req, &n, 64, 64, 1);
-  if (rgb) {
-    write_bytes("txt2img.rgb", rgb, n);
-    write_text("txt2img.txt", sd_last_parameters(p));
-    CHECK(strstr(sd_last_parameters(p), "Seed: 7") != NULL, "parameters lack the seed: %s",
-          sd_last_parameters(p));
+  if (record_image(p, &req, "txt2img", "Seed: 7")) {
     write_text("backend.txt", sd_pipeline_backend(p));
   }
-  free(rgb);
   sd_pipeline_free(p);
 }
 
@@ -140,15 +151,7 @@ static void case_img2img(void) {
   req.init_width = 64;
   req.init_height = 64;
   req.strength = 0.6f;
-  size_t n = 0;
-  uint8_t *rgb = generate(p, &req, &n, 64, 64, 1);
-  if (rgb) {
-    write_bytes("img2img.rgb", rgb, n);
-    write_text("img2img.txt", sd_last_parameters(p));
-    CHECK(strstr(sd_last_parameters(p), "Denoising strength: 0.6") != NULL,
-          "img2img parameters lack the strength: %s", sd_last_parameters(p));
-  }
-  free(rgb);
+  record_image(p, &req, "img2img", "Denoising strength: 0.6");
   free(init);
   sd_pipeline_free(p);
 }
@@ -209,15 +212,7 @@ static void case_options(void) {
         (int)req.clip_skip, (int)req.emphasis);
   req.clip_skip = 2;
   req.emphasis = 0;
-  size_t n = 0;
-  uint8_t *rgb = generate(p, &req, &n, 64, 64, 1);
-  if (rgb) {
-    write_bytes("options.rgb", rgb, n);
-    write_text("options.txt", sd_last_parameters(p));
-    CHECK(strstr(sd_last_parameters(p), "Clip skip: 2") != NULL,
-          "parameters lack the clip skip: %s", sd_last_parameters(p));
-  }
-  free(rgb);
+  record_image(p, &req, "options", "Clip skip: 2");
   sd_pipeline_free(p);
 }
 
