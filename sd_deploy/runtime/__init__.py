@@ -18,7 +18,7 @@ from sd_deploy.errors import (
     RequestError,
     UserError,
 )
-from sd_deploy.runtime.backends import BACKEND_NAMES
+from sd_deploy.runtime.backends import BACKEND_NAMES, check_precision
 from sd_deploy.runtime.images import load_init_image, output_paths, save_png
 from sd_deploy.runtime.pipeline import Pipeline
 from sd_deploy.runtime.request import (
@@ -48,6 +48,7 @@ __all__ = [
     "RequestError",
     "ResolvedRequest",
     "UserError",
+    "check_precision",
     "load_init_image",
     "output_paths",
     "save_png",

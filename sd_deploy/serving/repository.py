@@ -30,7 +30,7 @@ from sd_deploy.engine_dir.atomic import staged_dir
 from sd_deploy.engine_dir.hashing import sha256_file
 from sd_deploy.engine_dir.shapes import request_ranges
 from sd_deploy.errors import UserError
-from sd_deploy.runtime.backends import check_precision
+from sd_deploy.runtime import check_precision
 
 # name, Triton type, required
 INPUTS: tuple[tuple[str, str, bool], ...] = (
