@@ -33,17 +33,13 @@ from sd_deploy.errors import (
     UserError,
     first_line,
 )
+from sd_deploy.serving.repository import INPUTS
 
-OPTIONAL_TEXT = ("negative_prompt", "sampler")
-OPTIONAL_NUMBERS = {
-    "seed": int,
-    "steps": int,
-    "guidance": float,
-    "width": int,
-    "height": int,
-    "clip_skip": int,
-}
-OPTIONAL_FLAGS = ("emphasis",)
+# The optional inputs by how they are read, from the repository's one table of them.
+NUMBER_TYPES = {"TYPE_INT64": int, "TYPE_INT32": int, "TYPE_FP32": float}
+OPTIONAL_TEXT = tuple(n for n, kind, required in INPUTS if kind == "TYPE_STRING" and not required)
+OPTIONAL_NUMBERS = {n: NUMBER_TYPES[kind] for n, kind, _ in INPUTS if kind in NUMBER_TYPES}
+OPTIONAL_FLAGS = tuple(n for n, kind, _ in INPUTS if kind == "TYPE_BOOL")
 
 
 def error_message(exc: BaseException) -> str:
@@ -231,7 +227,7 @@ class TritonPythonModel:
 
     def _inputs(self, request: Any) -> dict[str, np.ndarray]:
         arrays = {}
-        for name in ("prompt", *OPTIONAL_TEXT, *OPTIONAL_NUMBERS, *OPTIONAL_FLAGS):
+        for name, _, _ in INPUTS:
             tensor = self.pb.get_input_tensor_by_name(request, name)
             if tensor is not None:
                 arrays[name] = tensor.as_numpy()
