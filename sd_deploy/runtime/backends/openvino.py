@@ -55,6 +55,7 @@ from sd_deploy.engine_dir.manifest import ComponentSpec, Manifest
 from sd_deploy.engine_dir.plans import Fresh
 from sd_deploy.errors import UserError, first_line
 from sd_deploy.runtime.backends.base import Backend, ComponentSession
+from sd_deploy.runtime.backends.mapped_pages import PageReleaser
 from sd_deploy.runtime.request import PRECISIONS
 
 log = logging.getLogger("sd_deploy")
@@ -145,8 +146,21 @@ class OpenVinoSession(ComponentSession):
         self.shapes: tuple[tuple[int, ...], ...] | None = None
         # Whether the last compile was an import from the compiled-model cache.
         self.loaded_from_cache = False
+        # From each compile until its first call returns: the plugin copies the mapped
+        # weights (cache blob or graph) into its own packed buffers, and the pages it has
+        # copied go back as it goes (see mapped_pages.py).
+        self.releaser: PageReleaser | None = None
         if not static_shapes:
-            self.set_compiled(backend.compile(self.path, config))
+            self.compile_from(self.path)
+
+    def compile_from(self, model: Any) -> None:
+        self.stop_releasing()
+        self.releaser = PageReleaser(self.path.parent).start()
+        try:
+            self.set_compiled(self.backend.compile(model, self.config))
+        except BaseException:
+            self.stop_releasing()
+            raise
 
     def set_compiled(self, compiled: Any) -> None:
         self.compiled = compiled
@@ -173,7 +187,7 @@ class OpenVinoSession(ComponentSession):
             model = self.backend.read(self.path)
             inputs = zip(self.spec.inputs, shapes, strict=True)
             model.reshape({spec.name: list(shape) for spec, shape in inputs})
-            self.set_compiled(self.backend.compile(model, self.config))
+            self.compile_from(model)
             self.shapes = shapes
         return self.request
 
@@ -185,12 +199,19 @@ class OpenVinoSession(ComponentSession):
         # are copied out because the request reuses its output buffers on the next call.
         outputs = request.infer(dict(feeds), share_inputs=True)
         result = {name: np.array(outputs[name]) for name in self.output_names}
+        self.stop_releasing()
         if release_scratch:
             self.compiled.release_memory()
         return result
 
+    def stop_releasing(self) -> None:
+        if self.releaser is not None:
+            self.releaser.stop()
+            self.releaser = None
+
     def close(self) -> None:
         """Drop the compiled model: OpenVINO frees its weights and buffers with it."""
+        self.stop_releasing()
         self.request = self.compiled = None
 
 
