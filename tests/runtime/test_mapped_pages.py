@@ -94,16 +94,38 @@ def test_without_proc_nothing_is_found(tmp_path):
 
 def test_the_releaser_thread_releases_while_it_runs_and_stops(weights):
     folder, path = weights
-    with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as view:
-        with PageReleaser(folder, interval=0.01) as releaser:
-            touch(view)
-            deadline = time.monotonic() + 10
-            while resident_bytes_under(folder) > SIZE * 0.1 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert resident_bytes_under(folder) < SIZE * 0.1
-            thread = releaser._thread
-            assert thread is not None and thread.is_alive()
-        assert not thread.is_alive()
+    with PageReleaser(folder, interval=0.01) as releaser:
+        with path.open("rb") as file:
+            view = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
         touch(view)
-        time.sleep(0.05)
-        assert resident_bytes_under(folder) >= SIZE * 0.9  # stopped: nothing releases now
+        deadline = time.monotonic() + 10
+        while resident_bytes_under(folder) > SIZE * 0.1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert resident_bytes_under(folder) < SIZE * 0.1
+        thread = releaser._thread
+        assert thread is not None and thread.is_alive()
+    assert not thread.is_alive()
+    touch(view)
+    time.sleep(0.05)
+    assert resident_bytes_under(folder) >= SIZE * 0.9  # stopped: nothing releases now
+    view.close()
+
+
+def test_the_releaser_leaves_mappings_made_before_it_started(tmp_path):
+    """An ONNX Runtime session computing from the folder's weights in place keeps its pages;
+    what is mapped while the releaser runs (the plugin's load) goes back."""
+    earlier, later = tmp_path / "unet" / "onnx", tmp_path / "unet" / "openvino_cache"
+    for folder in (earlier, later):
+        folder.mkdir(parents=True)
+        (folder / "weights.bin").write_bytes(np.random.default_rng(1).bytes(SIZE))
+    with (earlier / "weights.bin").open("rb") as file:
+        kept = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    touch(kept)
+    with PageReleaser(tmp_path / "unet", interval=0.01):
+        with (later / "weights.bin").open("rb") as file:
+            blob = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        touch(blob)
+    assert resident_bytes_under(earlier) >= SIZE * 0.9
+    assert resident_bytes_under(later) < SIZE * 0.1
+    kept.close()
+    blob.close()

@@ -11,11 +11,12 @@ from this process, in ways that never change data, so it is safe to call at any 
 - shared mappings (how OpenVINO maps both): MADV_DONTNEED. The pages stay in the kernel's
   page cache, so a page touched again, or the next run's load, is a cheap minor fault.
 - private mappings: MADV_PAGEOUT (Linux 5.4+), which reclaims clean pages (read back from
-  the file if touched again) and leaves pages the process wrote to alone (no swap here).
-  MADV_DONTNEED would discard those writes.
+  the file if touched again) and keeps pages the process wrote to (in memory, or in swap
+  where there is swap). MADV_DONTNEED would discard those writes.
 `PageReleaser` calls it every `interval` seconds on a thread while a load and first call
-run, so the source pages go as soon as they are copied instead of all being resident at
-once. Elsewhere (no /proc/self/maps, no madvise, an older kernel) both do nothing.
+run, on the mappings made since it started, so the source pages go as soon as they are
+copied instead of all being resident at once. Elsewhere (no /proc/self/maps, no madvise,
+an older kernel) both do nothing.
 """
 
 from __future__ import annotations
@@ -115,32 +116,42 @@ class _Advice:
 _advice = _Advice(_libc_madvise())
 
 
-def release_mapped_pages(root: Path, advise: Callable[[Mapping], bool] | None = None) -> int:
-    """Drop this process's resident pages of mapped files under `root` (see the module
-    docstring); returns the bytes of mappings released (0 where that cannot be asked)."""
+def release_mapped_pages(
+    root: Path,
+    advise: Callable[[Mapping], bool] | None = None,
+    keep: frozenset[Mapping] = frozenset(),
+) -> int:
+    """Drop this process's resident pages of mapped files under `root` but those in `keep`
+    (see the module docstring); returns the bytes of mappings released (0 where the kernel
+    cannot be asked)."""
     advise = advise or _advice
-    return sum(m.end - m.start for m in mappings_under(root) if advise(m))
+    return sum(m.end - m.start for m in mappings_under(root) if m not in keep and advise(m))
 
 
 class PageReleaser:
     """Releases mapped pages under `root` every `interval` s on a daemon thread, from
-    start() until stop() (also usable as a context manager)."""
+    start() until stop() (also usable as a context manager). Mappings that existed at
+    start() are left alone: they belong to someone else in the process (an ONNX Runtime
+    session computing from the same folder's weights in place, a session loaded earlier)."""
 
     def __init__(self, root: Path, interval: float = 0.05) -> None:
         self.root = Path(root)
         self.interval = interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._keep: frozenset[Mapping] = frozenset()
 
     def start(self) -> PageReleaser:
         if self._thread is None and MAPS.exists():
+            self._keep = frozenset(mappings_under(self.root))
+            self._stop.clear()
             self._thread = threading.Thread(target=self._loop, name="page-releaser", daemon=True)
             self._thread.start()
         return self
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            release_mapped_pages(self.root)
+            release_mapped_pages(self.root, keep=self._keep)
 
     def stop(self) -> None:
         """Stop the thread, after one last release."""
@@ -148,7 +159,7 @@ class PageReleaser:
             self._stop.set()
             self._thread.join()
             self._thread = None
-            release_mapped_pages(self.root)
+            release_mapped_pages(self.root, keep=self._keep)
 
     def __enter__(self) -> PageReleaser:
         return self.start()
