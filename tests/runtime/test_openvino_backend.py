@@ -5,7 +5,9 @@ in bf16 (the issue's rule: colour/shape scores at most 2 points below fp32)."""
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -212,13 +214,18 @@ def test_mapped_weights_go_back_by_the_end_of_the_first_call(default_engine, man
     folder = default_engine / "unet"
     feeds = feeds_for(spec)
     precision = "bf16" if ov_backend.bf16_hardware() else "fp32"
-    # Fills the cache: both sessions below import the blob.
-    OpenVinoBackend(precision, threads=1).open(default_engine, spec).close()
+    # Fills the cache and records its blob as one that compiled: the sessions below import
+    # it, and may hand its pages back with MADV_DONTNEED while they do.
+    first = OpenVinoBackend(precision, threads=1).open(default_engine, spec)
+    entry = Path(first.config["CACHE_DIR"])
+    first.close()
+    blobs = sorted(entry.glob("*.blob"))
+    assert ov_backend.trusted_blobs(entry) == {os.fspath(b.resolve()) for b in blobs}
     released = OpenVinoBackend(precision, threads=1).open(default_engine, spec)
     assert released.loaded_from_cache and released.releaser is not None
     got = released.run(feeds)["model_output"]
     assert released.releaser is None  # stopped after the first call
-    blob = sum(b.stat().st_size for b in (folder / CACHE_DIR_NAME).rglob("*.blob"))
+    blob = sum(b.stat().st_size for b in blobs)
     assert mapped_pages.resident_bytes_under(folder) < 0.05 * blob
 
     monkeypatch.setattr(mapped_pages.PageReleaser, "start", lambda self: self)
@@ -229,6 +236,19 @@ def test_mapped_weights_go_back_by_the_end_of_the_first_call(default_engine, man
     np.testing.assert_array_equal(got, want)
     released.close()
     kept.close()
+
+
+def test_a_blob_changed_since_it_was_recorded_is_not_trusted(tmp_path):
+    """Only a blob that compiled or imported, unchanged since, gets MADV_DONTNEED while the
+    plugin loads (a truncated one fails to import, and the plugin unmaps it)."""
+    (tmp_path / "1.blob").write_bytes(b"compiled")
+    assert ov_backend.trusted_blobs(tmp_path) == frozenset()  # nothing recorded
+    ov_backend.trust_blobs(tmp_path)
+    assert ov_backend.trusted_blobs(tmp_path) == {os.fspath((tmp_path / "1.blob").resolve())}
+    (tmp_path / "1.blob").write_bytes(b"half")
+    assert ov_backend.trusted_blobs(tmp_path) == frozenset()
+    (tmp_path / ov_backend.TRUSTED_BLOBS).write_text("[not a record")
+    assert ov_backend.trusted_blobs(tmp_path) == frozenset()
 
 
 def test_a_new_graph_hash_replaces_the_old_cache_folder(default_engine, manifest):

@@ -6,17 +6,18 @@ first call. The mapping stays, and every page it touched stays resident: for the
 UNet 2.4 GB of a blob it never reads again beside 1.6 GB of packed weights (measured:
 benchmarks/results/openvino-cpu/README.md, "Mapped weights handed back").
 
-`release_mapped_pages` drops the resident pages of every mapping of a file under a folder
-from this process, in ways that never change data, so it is safe to call at any time:
-- shared mappings (how OpenVINO maps both): MADV_DONTNEED. The pages stay in the kernel's
-  page cache, so a page touched again, or the next run's load, is a cheap minor fault.
-- private mappings: MADV_PAGEOUT (Linux 5.4+), which reclaims clean pages (read back from
-  the file if touched again) and keeps pages the process wrote to (in memory, or in swap
-  where there is swap). MADV_DONTNEED would discard those writes.
+`release` drops this process's resident pages of given mappings in ways that cannot lose
+data:
+- MADV_DONTNEED on a shared mapping (how OpenVINO maps both) whose owner is known to keep
+  it mapped: the pages stay in the kernel's page cache, so a page touched again, or the
+  next run's load, is a cheap minor fault. Not otherwise: on an address range that was
+  unmapped and reused since it was listed, it would zero the new memory.
+- MADV_PAGEOUT (Linux 5.4+) on everything else: it reclaims clean file pages (read back
+  from the file if touched again; `read_back` asks for that ahead) and keeps pages written
+  to, in memory or in swap, whatever the range holds by then.
 `PageReleaser` calls it every `interval` seconds on a thread while a load and first call
-run, on the mappings made since it started, so the source pages go as soon as they are
-copied instead of all being resident at once. Elsewhere (no /proc/self/maps, no madvise,
-an older kernel) both do nothing.
+run, so the source pages go as soon as they are copied instead of all being resident at
+once. Elsewhere (no /proc/self/maps, no madvise, an older kernel) nothing is released.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import logging
 import mmap
 import os
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -101,8 +103,8 @@ class _Advice:
         self.madvise = madvise
         self.refused: set[int] = set()
 
-    def __call__(self, mapping: Mapping) -> bool:
-        advice = MADV_DONTNEED if mapping.shared else MADV_PAGEOUT
+    def __call__(self, mapping: Mapping, owned: bool) -> bool:
+        advice = MADV_DONTNEED if owned and mapping.shared else MADV_PAGEOUT
         if self.madvise is None or advice in self.refused:
             return False
         error = self.madvise(mapping.start, mapping.end - mapping.start, advice)
@@ -114,44 +116,86 @@ class _Advice:
 
 
 _advice = _Advice(_libc_madvise())
+Advise = Callable[[Mapping, bool], bool]
 
 
-def release_mapped_pages(
-    root: Path,
-    advise: Callable[[Mapping], bool] | None = None,
-    keep: frozenset[Mapping] = frozenset(),
-) -> int:
-    """Drop this process's resident pages of mapped files under `root` but those in `keep`
-    (see the module docstring); returns the bytes of mappings released (0 where the kernel
-    cannot be asked)."""
+Owned = Callable[[Mapping], bool]
+
+
+def release(mappings: Iterable[Mapping], owned: Owned, advise: Advise | None = None) -> int:
+    """Drop this process's resident pages of these mappings; returns the bytes of mappings
+    released (0 where the kernel cannot be asked). `owned(m)`: the caller knows what keeps
+    `m` mapped, so it is still the mapping it was when listed, and a shared one may take
+    MADV_DONTNEED; otherwise its address range may have been unmapped and reused for other
+    memory since it was listed, and only MADV_PAGEOUT, which loses nothing whatever the
+    range now holds, is used."""
     advise = advise or _advice
-    return sum(m.end - m.start for m in mappings_under(root) if m not in keep and advise(m))
+    return sum(m.end - m.start for m in mappings if advise(m, owned(m)))
+
+
+def owned_none(mapping: Mapping) -> bool:
+    return False
+
+
+def owned_all(mapping: Mapping) -> bool:
+    return True
+
+
+def read_back(mappings: Iterable[Mapping]) -> None:
+    """Ask the kernel to read these mappings' files into its page cache in the background
+    (what MADV_PAGEOUT evicted), so the library's next reads of them are not disk reads."""
+    for path in sorted({m.path for m in mappings}):
+        try:
+            descriptor = os.open(path, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(descriptor, 0, 0, os.POSIX_FADV_WILLNEED)
+        except (OSError, AttributeError):
+            pass
+        finally:
+            os.close(descriptor)
 
 
 class PageReleaser:
-    """Releases mapped pages under `root` every `interval` s on a daemon thread, from
-    start() until stop() (also usable as a context manager). Mappings that existed at
-    start() are left alone: they belong to someone else in the process (an ONNX Runtime
-    session computing from the same folder's weights in place, a session loaded earlier)."""
+    """Releases the mappings `listing()` gives every `interval` s on a daemon thread, from
+    start() until stop() or `limit` s (also a context manager).
 
-    def __init__(self, root: Path, interval: float = 0.05) -> None:
-        self.root = Path(root)
+    `owner`, when given, is the object whose life keeps those mappings mapped (OpenVINO's
+    compiled model): the thread holds it, so they are all owned in release()'s sense;
+    without one, `owned` says which are."""
+
+    def __init__(
+        self,
+        listing: Callable[[], Iterable[Mapping]],
+        owner: object = None,
+        owned: Owned = owned_none,
+        interval: float = 0.05,
+        limit: float = 600.0,
+    ) -> None:
+        self.listing = listing
         self.interval = interval
+        self.limit = limit
+        self._owner = owner
+        self._owned = owned_all if owner is not None else owned
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._keep: frozenset[Mapping] = frozenset()
 
     def start(self) -> PageReleaser:
         if self._thread is None and MAPS.exists():
-            self._keep = frozenset(mappings_under(self.root))
             self._stop.clear()
             self._thread = threading.Thread(target=self._loop, name="page-releaser", daemon=True)
             self._thread.start()
         return self
 
     def _loop(self) -> None:
+        deadline = time.monotonic() + self.limit
+        release(self.listing(), self._owned)
         while not self._stop.wait(self.interval):
-            release_mapped_pages(self.root, keep=self._keep)
+            if time.monotonic() >= deadline:
+                self._owner = None  # let go: from now on the ranges may be unmapped
+                return
+            release(self.listing(), self._owned)
 
     def stop(self) -> None:
         """Stop the thread, after one last release."""
@@ -159,7 +203,9 @@ class PageReleaser:
             self._stop.set()
             self._thread.join()
             self._thread = None
-            release_mapped_pages(self.root, keep=self._keep)
+            if self._owner is not None or self._owned is not owned_all:
+                release(self.listing(), self._owned)
+        self._owner = None
 
     def __enter__(self) -> PageReleaser:
         return self.start()
@@ -172,6 +218,7 @@ __all__ = [
     "Mapping",
     "PageReleaser",
     "mappings_under",
-    "release_mapped_pages",
+    "read_back",
+    "release",
     "resident_bytes_under",
 ]

@@ -36,15 +36,18 @@ openvino is imported when a backend is created, never at module import, so
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from sd_deploy.engine_dir.atomic import write_atomic
 from sd_deploy.engine_dir.int8_graphs import (
     int8_dir,
     int8_graph_path,
@@ -55,7 +58,8 @@ from sd_deploy.engine_dir.manifest import ComponentSpec, Manifest
 from sd_deploy.engine_dir.plans import Fresh
 from sd_deploy.errors import UserError, first_line
 from sd_deploy.runtime.backends.base import Backend, ComponentSession
-from sd_deploy.runtime.backends.mapped_pages import PageReleaser
+from sd_deploy.runtime.backends.mapped_pages import Mapping as MappedFile
+from sd_deploy.runtime.backends.mapped_pages import PageReleaser, mappings_under, read_back
 from sd_deploy.runtime.request import PRECISIONS
 
 log = logging.getLogger("sd_deploy")
@@ -69,6 +73,10 @@ BF16_COMPONENTS = frozenset({"text_encoder", "unet", "vae_decoder", "vae_encoder
 OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
 FROM_OV_PRECISION = {"f32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16"}
 CACHE_DIR_NAME = "openvino_cache"
+TRUSTED_BLOBS = "imported.json"  # in a cache entry: the blobs that compiled or imported
+# One compile at a time in the process: the mappings a compile adds under its component's
+# folder are then its compiled model's own, which the session may hand back (mapped_pages).
+_COMPILING = threading.Lock()
 STATIC_SHAPES_DEFAULT = False
 
 
@@ -124,6 +132,40 @@ def resolve_precision(
     return "bf16", f"{requested}: the CPU has {hardware}"
 
 
+def _blob_stamps(entry: Path) -> dict[str, list[int]]:
+    """Each blob's name: [size, mtime_ns]."""
+    stamps = {}
+    for blob in sorted(entry.glob("*.blob")):
+        stat = blob.stat()
+        stamps[blob.name] = [stat.st_size, stat.st_mtime_ns]
+    return stamps
+
+
+def trusted_blobs(entry: Path) -> frozenset[str]:
+    """The compiled-model blobs in a cache entry that OpenVINO compiled or imported before,
+    unchanged since (size and mtime, recorded by trust_blobs): they import, so the plugin
+    keeps them mapped through the load."""
+    try:
+        recorded = json.loads((entry / TRUSTED_BLOBS).read_text())
+        current = _blob_stamps(entry)
+    except (OSError, ValueError):
+        return frozenset()
+    if not isinstance(recorded, dict):
+        return frozenset()
+    root = entry.resolve()
+    return frozenset(
+        os.fspath(root / name) for name, stamp in current.items() if recorded.get(name) == stamp
+    )
+
+
+def trust_blobs(entry: Path) -> None:
+    """Record the entry's blobs after a compile that wrote or imported them succeeded."""
+    try:
+        write_atomic(entry / TRUSTED_BLOBS, json.dumps(_blob_stamps(entry)))
+    except OSError as exc:
+        log.debug("cannot record the compiled-model blobs in %s: %s", entry, first_line(exc))
+
+
 class OpenVinoSession(ComponentSession):
     """One component on OpenVINO: a compiled model (one per input shape when static)."""
 
@@ -154,13 +196,30 @@ class OpenVinoSession(ComponentSession):
             self.compile_from(self.path)
 
     def compile_from(self, model: Any) -> None:
+        """Compile, handing back the weight pages the plugin maps under the component's
+        folder as it goes (mapped_pages.py). While it compiles, the plugin may unmap what it
+        mapped (a graph's weights after compiling them, a blob that fails to import) and
+        reuse the addresses, so only MADV_PAGEOUT is used there, but on a cache blob that
+        imported before (unchanged since: `trusted_blobs`). From then until the first call
+        returns, the compiled model's own mappings, which it holds until it is dropped."""
         self.stop_releasing()
-        self.releaser = PageReleaser(self.path.parent).start()
-        try:
-            self.set_compiled(self.backend.compile(model, self.config))
-        except BaseException:
-            self.stop_releasing()
-            raise
+        folder = self.path.parent
+        entry = self.config.get("CACHE_DIR")
+        trusted = trusted_blobs(Path(entry)) if entry else frozenset()
+        with _COMPILING:  # so that what gets mapped under the folder meanwhile is this model's
+            before = set(mappings_under(folder))
+
+            def added() -> list[MappedFile]:
+                return [m for m in mappings_under(folder) if m not in before]
+
+            with PageReleaser(added, owned=lambda m: m.path in trusted):
+                compiled = self.backend.compile(model, self.config)
+            own = added()
+        if entry and not trusted:
+            trust_blobs(Path(entry))
+        read_back(m for m in own if m.path not in trusted)
+        self.set_compiled(compiled)
+        self.releaser = PageReleaser(lambda: own, owner=compiled).start()
 
     def set_compiled(self, compiled: Any) -> None:
         self.compiled = compiled
