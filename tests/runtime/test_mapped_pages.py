@@ -148,23 +148,3 @@ def test_the_releaser_holds_its_owner_while_it_releases_and_lets_go_after(weight
     time.sleep(0.05)
     assert resident_bytes_under(folder) >= SIZE * 0.9  # stopped: nothing releases now
     view.close()
-
-
-def test_the_releaser_ends_itself_after_its_limit(weights):
-    folder, path = weights
-    owner = Owner()
-    alive = weakref.ref(owner)
-    with path.open("rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as view:
-        mappings = mappings_under(folder)
-        releaser = PageReleaser(lambda: mappings, owner=owner, interval=0.01, limit=0.05)
-        del owner
-        releaser.start()
-        thread = releaser._thread
-        assert thread is not None
-        thread.join(10)
-        assert not thread.is_alive()
-        gc.collect()
-        assert alive() is None
-        touch(view)
-        releaser.stop()  # past its limit: no longer owned, so no last release
-        assert resident_bytes_under(folder) >= SIZE * 0.9

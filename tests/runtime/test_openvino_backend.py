@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -222,14 +223,14 @@ def test_mapped_weights_go_back_by_the_end_of_the_first_call(default_engine, man
     blobs = sorted(entry.glob("*.blob"))
     assert ov_backend.trusted_blobs(entry) == {os.fspath(b.resolve()) for b in blobs}
     released = OpenVinoBackend(precision, threads=1).open(default_engine, spec)
-    assert released.loaded_from_cache and released.releaser is not None
+    assert released.loaded_from_cache and released.unpacked  # the blob's mapping
     got = released.run(feeds)["model_output"]
-    assert released.releaser is None  # stopped after the first call
+    assert released.unpacked == []  # handed back during the first call, not after
+    assert not [t for t in threading.enumerate() if t.name == "page-releaser"]
     blob = sum(b.stat().st_size for b in blobs)
     assert mapped_pages.resident_bytes_under(folder) < 0.05 * blob
 
-    monkeypatch.setattr(mapped_pages.PageReleaser, "start", lambda self: self)
-    monkeypatch.setattr(mapped_pages.PageReleaser, "stop", lambda self: None)
+    monkeypatch.setattr(mapped_pages, "_advice", mapped_pages._Advice(None))  # no madvise
     kept = OpenVinoBackend(precision, threads=1).open(default_engine, spec)
     want = kept.run(feeds)["model_output"]
     assert mapped_pages.resident_bytes_under(folder) > 0.5 * blob  # what was handed back

@@ -27,7 +27,6 @@ import logging
 import mmap
 import os
 import threading
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import NamedTuple
@@ -159,7 +158,7 @@ def read_back(mappings: Iterable[Mapping]) -> None:
 
 class PageReleaser:
     """Releases the mappings `listing()` gives every `interval` s on a daemon thread, from
-    start() until stop() or `limit` s (also a context manager).
+    start() until stop() (also a context manager).
 
     `owner`, when given, is the object whose life keeps those mappings mapped (OpenVINO's
     compiled model): the thread holds it, so they are all owned in release()'s sense;
@@ -171,11 +170,9 @@ class PageReleaser:
         owner: object = None,
         owned: Owned = owned_none,
         interval: float = 0.05,
-        limit: float = 600.0,
     ) -> None:
         self.listing = listing
         self.interval = interval
-        self.limit = limit
         self._owner = owner
         self._owned = owned_all if owner is not None else owned
         self._stop = threading.Event()
@@ -189,12 +186,8 @@ class PageReleaser:
         return self
 
     def _loop(self) -> None:
-        deadline = time.monotonic() + self.limit
         release(self.listing(), self._owned)
         while not self._stop.wait(self.interval):
-            if time.monotonic() >= deadline:
-                self._owner = None  # let go: from now on the ranges may be unmapped
-                return
             release(self.listing(), self._owned)
 
     def stop(self) -> None:
@@ -203,8 +196,7 @@ class PageReleaser:
             self._stop.set()
             self._thread.join()
             self._thread = None
-            if self._owner is not None or self._owned is not owned_all:
-                release(self.listing(), self._owned)
+            release(self.listing(), self._owned)
         self._owner = None
 
     def __enter__(self) -> PageReleaser:

@@ -35,6 +35,7 @@ openvino is imported when a backend is created, never at module import, so
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -59,7 +60,13 @@ from sd_deploy.engine_dir.plans import Fresh
 from sd_deploy.errors import UserError, first_line
 from sd_deploy.runtime.backends.base import Backend, ComponentSession
 from sd_deploy.runtime.backends.mapped_pages import Mapping as MappedFile
-from sd_deploy.runtime.backends.mapped_pages import PageReleaser, mappings_under, read_back
+from sd_deploy.runtime.backends.mapped_pages import (
+    PageReleaser,
+    mappings_under,
+    owned_all,
+    read_back,
+    release,
+)
 from sd_deploy.runtime.request import PRECISIONS
 
 log = logging.getLogger("sd_deploy")
@@ -188,10 +195,9 @@ class OpenVinoSession(ComponentSession):
         self.shapes: tuple[tuple[int, ...], ...] | None = None
         # Whether the last compile was an import from the compiled-model cache.
         self.loaded_from_cache = False
-        # From each compile until its first call returns: the plugin copies the mapped
-        # weights (cache blob or graph) into its own packed buffers, and the pages it has
-        # copied go back as it goes (see mapped_pages.py).
-        self.releaser: PageReleaser | None = None
+        # The compiled model's mappings of the weights (cache blob or graph) that its first
+        # call copies into its own packed buffers: their pages go back as it goes.
+        self.unpacked: list[MappedFile] = []
         if not static_shapes:
             self.compile_from(self.path)
 
@@ -200,9 +206,9 @@ class OpenVinoSession(ComponentSession):
         folder as it goes (mapped_pages.py). While it compiles, the plugin may unmap what it
         mapped (a graph's weights after compiling them, a blob that fails to import) and
         reuse the addresses, so only MADV_PAGEOUT is used there, but on a cache blob that
-        imported before (unchanged since: `trusted_blobs`). From then until the first call
-        returns, the compiled model's own mappings, which it holds until it is dropped."""
-        self.stop_releasing()
+        imported before (unchanged since: `trusted_blobs`). What the compiled model itself
+        maps, it keeps mapped until it is dropped: those pages go back with MADV_DONTNEED
+        after the compile and during the first call (run)."""
         folder = self.path.parent
         entry = self.config.get("CACHE_DIR")
         trusted = trusted_blobs(Path(entry)) if entry else frozenset()
@@ -218,8 +224,9 @@ class OpenVinoSession(ComponentSession):
         if entry and not trusted:
             trust_blobs(Path(entry))
         read_back(m for m in own if m.path not in trusted)
+        release(own, owned_all)
         self.set_compiled(compiled)
-        self.releaser = PageReleaser(lambda: own, owner=compiled).start()
+        self.unpacked = own
 
     def set_compiled(self, compiled: Any) -> None:
         self.compiled = compiled
@@ -254,24 +261,22 @@ class OpenVinoSession(ComponentSession):
         self, feeds: Mapping[str, np.ndarray], release_scratch: bool = False
     ) -> dict[str, np.ndarray]:
         request = self.request_for(feeds)
-        # share_inputs: the pipeline hands contiguous arrays of the declared dtypes; outputs
-        # are copied out because the request reuses its output buffers on the next call.
-        outputs = request.infer(dict(feeds), share_inputs=True)
+        unpacked, self.unpacked = self.unpacked, []
+        # The first call packs the weights: the pages it has copied go back as it goes.
+        releasing = PageReleaser(lambda: unpacked, owner=self.compiled) if unpacked else None
+        with releasing or contextlib.nullcontext():
+            # share_inputs: the pipeline hands contiguous arrays of the declared dtypes;
+            # outputs are copied because the request reuses its buffers on the next call.
+            outputs = request.infer(dict(feeds), share_inputs=True)
         result = {name: np.array(outputs[name]) for name in self.output_names}
-        self.stop_releasing()
         if release_scratch:
             self.compiled.release_memory()
         return result
 
-    def stop_releasing(self) -> None:
-        if self.releaser is not None:
-            self.releaser.stop()
-            self.releaser = None
-
     def close(self) -> None:
         """Drop the compiled model: OpenVINO frees its weights and buffers with it."""
-        self.stop_releasing()
         self.request = self.compiled = None
+        self.unpacked = []
 
 
 class OpenVinoBackend(Backend):
