@@ -166,9 +166,12 @@ def trusted_blobs(entry: Path) -> frozenset[str]:
 
 
 def trust_blobs(entry: Path) -> None:
-    """Record the entry's blobs after a compile that wrote or imported them succeeded."""
+    """Record the entry's blobs after a compile that wrote or imported them succeeded
+    (unless the record already says so)."""
     try:
-        write_atomic(entry / TRUSTED_BLOBS, json.dumps(_blob_stamps(entry)))
+        stamps = _blob_stamps(entry)
+        if stamps and len(trusted_blobs(entry)) < len(stamps):
+            write_atomic(entry / TRUSTED_BLOBS, json.dumps(stamps))
     except OSError as exc:
         log.debug("cannot record the compiled-model blobs in %s: %s", entry, first_line(exc))
 
@@ -208,7 +211,8 @@ class OpenVinoSession(ComponentSession):
         reuse the addresses, so only MADV_PAGEOUT is used there, but on a cache blob that
         imported before (unchanged since: `trusted_blobs`). What the compiled model itself
         maps, it keeps mapped until it is dropped: those pages go back with MADV_DONTNEED
-        after the compile and during the first call (run)."""
+        after the compile and during the first call (run). A reshaped model (static shapes)
+        was read before, so its graph's mapping is someone else's and is left alone."""
         folder = self.path.parent
         entry = self.config.get("CACHE_DIR")
         trusted = trusted_blobs(Path(entry)) if entry else frozenset()
@@ -221,7 +225,7 @@ class OpenVinoSession(ComponentSession):
             with PageReleaser(added, owned=lambda m: m.path in trusted):
                 compiled = self.backend.compile(model, self.config)
             own = added()
-        if entry and not trusted:
+        if entry:
             trust_blobs(Path(entry))
         read_back(m for m in own if m.path not in trusted)
         release(own, owned_all)
