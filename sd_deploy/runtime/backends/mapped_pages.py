@@ -23,6 +23,7 @@ once. Elsewhere (no /proc/self/maps, no madvise, an older kernel) nothing is rel
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import mmap
 import os
@@ -37,14 +38,17 @@ MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", 4)
 MADV_PAGEOUT = getattr(mmap, "MADV_PAGEOUT", 21)  # both the same on every Linux architecture
 MAPS = Path("/proc/self/maps")
 
-Madvise = Callable[[int, int, int], int]
-
 
 class Mapping(NamedTuple):
     start: int
     end: int
     shared: bool
     path: str
+
+
+Madvise = Callable[[int, int, int], int]  # (start, length, advice) -> errno, 0 when done
+Advise = Callable[[Mapping, bool], bool]  # (mapping, owned) -> released
+Owned = Callable[[Mapping], bool]
 
 
 def _libc_madvise() -> Madvise | None:
@@ -62,34 +66,38 @@ def _libc_madvise() -> Madvise | None:
     return madvise
 
 
-def mappings_under(root: Path, maps: Path = MAPS) -> list[Mapping]:
-    """This process's mappings of files under `root`."""
+def _lines(path: Path) -> list[list[str]]:
     try:
-        lines = maps.read_text().splitlines()
+        return [line.split(maxsplit=5) for line in path.read_text().splitlines()]
     except OSError:
         return []
-    prefix = os.fspath(Path(root).resolve()) + os.sep
-    found = []
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5].startswith(prefix):
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            found.append(Mapping(start, end, fields[1].endswith("s"), fields[5]))
-    return found
+
+
+def _file_mapping(fields: list[str], prefix: str) -> Mapping | None:
+    """The mapping a maps/smaps header line describes, if it maps a file under `prefix`."""
+    if len(fields) == 6 and fields[5].startswith(prefix) and "-" in fields[0]:
+        start, end = (int(x, 16) for x in fields[0].split("-"))
+        return Mapping(start, end, fields[1].endswith("s"), fields[5])
+    return None
+
+
+def _prefix(root: Path) -> str:
+    return os.fspath(Path(root).resolve()) + os.sep
+
+
+def mappings_under(root: Path, maps: Path = MAPS) -> list[Mapping]:
+    """This process's mappings of files under `root`."""
+    prefix = _prefix(root)
+    return [m for fields in _lines(maps) if (m := _file_mapping(fields, prefix))]
 
 
 def resident_bytes_under(root: Path, smaps: Path = Path("/proc/self/smaps")) -> int:
     """Bytes of this process's mappings of files under `root` that are resident now."""
-    try:
-        lines = smaps.read_text().splitlines()
-    except OSError:
-        return 0
-    prefix = os.fspath(Path(root).resolve()) + os.sep
+    prefix = _prefix(root)
     total, counting = 0, False
-    for line in lines:
-        fields = line.split(maxsplit=5)
-        if fields and "-" in fields[0] and not fields[0].endswith(":"):  # a mapping's header
-            counting = len(fields) == 6 and fields[5].startswith(prefix)
+    for fields in _lines(smaps):
+        if fields and not fields[0].endswith(":"):  # a mapping's header, not a "Key:" line
+            counting = _file_mapping(fields, prefix) is not None
         elif counting and fields[:1] == ["Rss:"]:
             total += int(fields[1]) * 1024
     return total
@@ -107,7 +115,7 @@ class _Advice:
         if self.madvise is None or advice in self.refused:
             return False
         error = self.madvise(mapping.start, mapping.end - mapping.start, advice)
-        if error in (0, 12):  # ENOMEM: the mapping went away meanwhile
+        if error in (0, errno.ENOMEM):  # ENOMEM: the mapping went away meanwhile
             return error == 0
         log.debug("madvise(%d) refused (errno %d): mapped pages stay resident", advice, error)
         self.refused.add(advice)
@@ -115,10 +123,6 @@ class _Advice:
 
 
 _advice = _Advice(_libc_madvise())
-Advise = Callable[[Mapping, bool], bool]
-
-
-Owned = Callable[[Mapping], bool]
 
 
 def release(mappings: Iterable[Mapping], owned: Owned, advise: Advise | None = None) -> int:
