@@ -148,17 +148,24 @@ def _blob_stamps(entry: Path) -> dict[str, list[int]]:
     return stamps
 
 
+def _recorded_blobs(entry: Path) -> dict:
+    """What trust_blobs recorded in the entry ({} when nothing readable is there)."""
+    try:
+        recorded = json.loads((entry / TRUSTED_BLOBS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
 def trusted_blobs(entry: Path) -> frozenset[str]:
     """The compiled-model blobs in a cache entry that OpenVINO compiled or imported before,
     unchanged since (size and mtime, recorded by trust_blobs): they import, so the plugin
     keeps them mapped through the load."""
     try:
-        recorded = json.loads((entry / TRUSTED_BLOBS).read_text())
         current = _blob_stamps(entry)
-    except (OSError, ValueError):
+    except OSError:
         return frozenset()
-    if not isinstance(recorded, dict):
-        return frozenset()
+    recorded = _recorded_blobs(entry)
     root = entry.resolve()
     return frozenset(
         os.fspath(root / name) for name, stamp in current.items() if recorded.get(name) == stamp
@@ -170,7 +177,7 @@ def trust_blobs(entry: Path) -> None:
     (unless the record already says so)."""
     try:
         stamps = _blob_stamps(entry)
-        if stamps and len(trusted_blobs(entry)) < len(stamps):
+        if stamps and _recorded_blobs(entry) != stamps:
             write_atomic(entry / TRUSTED_BLOBS, json.dumps(stamps))
     except OSError as exc:
         log.debug("cannot record the compiled-model blobs in %s: %s", entry, first_line(exc))
