@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -102,6 +103,8 @@ def export_onnx(
 def finalize_onnx(raw_path: Path, final_path: Path) -> list[Path]:
     """Re-save the traced graph as model.onnx (+ one model.onnx_data if over 2 GB).
 
+    `raw_path`'s folder is scratch: each traced tensor file is deleted once packed, so a
+    >2 GB graph never takes twice its size on disk (a full-size SD 1.5 UNet: 3.4 GB, not 6.8).
     Returns every file written, for the manifest.
     """
     import onnx
@@ -141,9 +144,15 @@ _COPY_CHUNK = 64 << 20
 
 
 def _pack_external_data(model, base: Path, data_path: Path) -> None:
-    """Move every initializer of 1 KiB or more into one external data file, one at a time."""
+    """Move every initializer of 1 KiB or more into one external data file, one at a time,
+    deleting each source file under `base` that held that tensor alone once it is copied."""
     import onnx
 
+    locations = Counter(
+        _external_info(t)["location"]
+        for t in model.graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+    )
     offset = 0
     with data_path.open("wb") as out:
         for tensor in model.graph.initializer:
@@ -166,6 +175,8 @@ def _pack_external_data(model, base: Path, data_path: Path) -> None:
                         offset += len(chunk)
                         if left is not None:
                             left -= len(chunk)
+                if locations[info["location"]] == 1:  # torch writes a file per tensor
+                    (base / info["location"]).unlink()
             else:
                 out.write(tensor.raw_data)
                 offset += len(tensor.raw_data)

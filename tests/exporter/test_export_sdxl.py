@@ -66,7 +66,8 @@ def test_text_encoder_2_is_sdxl_only() -> None:
 
 def test_finalize_streams_external_tensors_into_one_aligned_file(tmp_path, monkeypatch) -> None:
     """Past 2 GB (the full-size SDXL UNet) the traced graph's per-tensor files are packed into
-    one model.onnx_data tensor by tensor; here with the threshold at 0."""
+    one model.onnx_data tensor by tensor, each file deleted once packed; here with the
+    threshold at 0."""
     import numpy as np
     import onnx
     import onnxruntime as ort
@@ -99,6 +100,7 @@ def test_finalize_streams_external_tensors_into_one_aligned_file(tmp_path, monke
     files = onnx_export.finalize_onnx(raw, final)
     assert [f.name for f in files] == ["model.onnx", "model.onnx_data"]
     assert sorted(p.name for p in final.parent.iterdir()) == ["model.onnx", "model.onnx_data"]
+    assert [p.name for p in raw.parent.iterdir()] == ["model.onnx"]  # tensor files packed away
     offsets = [
         int({e.key: e.value for e in t.external_data}["offset"])
         for t in onnx.load(str(final), load_external_data=False).graph.initializer
