@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import random
 import shutil
 import struct
@@ -127,9 +128,15 @@ def micro_state() -> dict:
 
 
 def _tmp() -> Path:
+    """A scratch folder, removed when the process that made it exits (the cached engine
+    dir and tokenizer live that long); a forked fuzzing child leaves it to its parent."""
+    import atexit
     import tempfile
 
-    return Path(tempfile.mkdtemp(prefix="sd-fuzz-seed-"))
+    path = Path(tempfile.mkdtemp(prefix="sd-fuzz-seed-"))
+    owner = os.getpid()
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(path, ignore_errors=True))
+    return path
 
 
 # ------------------------------------------------------------------------ checkpoints
