@@ -266,15 +266,31 @@ class OnnxRuntimeBackend(Backend):
         return places if places.covers(patches) else None
 
     def open_through_cache(self, path: Path, engine_dir: Path, spec: ComponentSpec) -> Any:
-        """Load the cached optimized graph, or optimize the source and write the cache."""
+        """Load the cached optimized graph, writing it first when there is none (or a damaged
+        one); the source graph when it cannot be written."""
         cache = GraphCache(engine_dir, spec, self._ort.__version__)
         if cache.graph.is_file():
-            try:
-                return self.create(
-                    cache.graph, self.session_options(optimize=False), engine_dir, spec
-                )
-            except UserError:
-                cache.discard()  # damaged: optimize the source again and rewrite it
+            session = self.load_cached(cache, engine_dir, spec)
+            if session is not None:
+                return session
+        if self.write_cache(cache, path, engine_dir, spec):
+            session = self.load_cached(cache, engine_dir, spec)
+            if session is not None:
+                return session
+        return self.create(path, self.session_options(), engine_dir, spec)
+
+    def load_cached(self, cache: GraphCache, engine_dir: Path, spec: ComponentSpec) -> Any:
+        """A session of the cached graph; None, the entry removed, when it does not load."""
+        try:
+            return self.create(cache.graph, self.session_options(optimize=False), engine_dir, spec)
+        except UserError:
+            cache.discard()
+            return None
+
+    def write_cache(
+        self, cache: GraphCache, path: Path, engine_dir: Path, spec: ComponentSpec
+    ) -> bool:
+        """Optimize the source graph into the cache; False (with a warning) where it cannot."""
         try:
             cache.check_space()
             with cache.staged() as staging:
@@ -282,7 +298,11 @@ class OnnxRuntimeBackend(Backend):
                 options.optimized_model_filepath = os.fspath(staging / "model.onnx")
                 for key, value in SAVE_EXTERNAL_DATA.items():
                     options.add_session_config_entry(key, value)
-                session = self.create(path, options, engine_dir, spec)
+                # This session only writes the graph. Without prepacking it holds no packed
+                # weights beside the folded ones it must save (the SD 1.5 UNet: 3.4 GiB, not
+                # 4.2); the session that runs loads the written graph, as later loads do.
+                options.add_session_config_entry("session.disable_prepacking", "1")
+                self.create(path, options, engine_dir, spec)
         except OSError as exc:
             log.warning(
                 "not caching ONNX Runtime's optimized %s graph (every load re-optimizes it; "
@@ -290,13 +310,12 @@ class OnnxRuntimeBackend(Backend):
                 spec.name,
                 first_line(exc),
             )
-            return self.create(path, self.session_options(), engine_dir, spec)
+            return False
         except UserError:
-            # Writing may be what failed; without it, a bad graph still fails plainly.
-            session = self.create(path, self.session_options(), engine_dir, spec)
+            # Writing may be what failed; the source graph, loaded next, fails plainly if bad.
             log.warning(
                 "could not write ONNX Runtime's optimized %s graph to %s", spec.name, cache.root
             )
-            return session
+            return False
         cache.prune()
-        return session
+        return True
