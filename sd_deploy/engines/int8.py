@@ -79,6 +79,30 @@ def edge_convolutions(model: Any) -> list[str]:
     return sorted({convs[0], convs[-1]}) if convs else []
 
 
+def fold_weight_transposes(model: Any) -> int:
+    """Make each MatMul whose weight comes through a Transpose [1, 0] (how sd-export stores
+    MatMul weights: `exporter.onnx_export.store_weights_out_in`) take the weight itself with
+    transpose_b flipped, in place; returns how many. Why: NNCF compresses only weights that
+    feed a MatMul directly, and left these fp32 (the SD 1.5 UNet's int8 graph 1.48 GB, not
+    0.81). Exact: the same products."""
+    folded = 0
+    for op in model.get_ordered_ops():
+        transpose = op.input_value(1).get_node() if op.get_type_name() == "MatMul" else None
+        if transpose is None or transpose.get_type_name() != "Transpose":
+            continue
+        weight, perm = (transpose.input_value(i) for i in (0, 1))
+        constant = weight.get_node().get_type_name() == "Constant"
+        if constant and perm.get_node().get_type_name() == "Constant":
+            if list(perm.get_node().get_data()) == [1, 0]:
+                op.input(1).replace_source_output(weight)
+                op.set_attribute("transpose_b", not op.get_attributes()["transpose_b"])
+                folded += 1
+    # The bypassed Transpose nodes go with the last references to them, on return: until
+    # then their weights still list them as consumers (NNCF fails on such a graph).
+    model.validate_nodes_and_infer_types()
+    return folded
+
+
 def quantize_components(
     engine_dir: str | Path,
     components: Sequence[str] = DEFAULT_COMPONENTS,
@@ -119,6 +143,7 @@ def _quantize(root: Path, component: str, onnx: Path, onnx_sha256: str) -> Int8M
         raise EngineDirError(
             f"cannot read {relative(onnx, root)} with OpenVINO: {first_line(exc)}"
         ) from None
+    fold_weight_transposes(model)
     kept = edge_convolutions(model)
     compressed = nncf.compress_weights(
         model,
@@ -147,4 +172,10 @@ def _quantize(root: Path, component: str, onnx: Path, onnx_sha256: str) -> Int8M
     return metadata
 
 
-__all__ = ["DEFAULT_COMPONENTS", "QuantizeResult", "edge_convolutions", "quantize_components"]
+__all__ = [
+    "DEFAULT_COMPONENTS",
+    "QuantizeResult",
+    "edge_convolutions",
+    "fold_weight_transposes",
+    "quantize_components",
+]

@@ -138,9 +138,13 @@ def export_component(
         export_onnx(module, graph, example, raw_dir / "model.onnx", opset)
         del module
         gc.collect()
-        files = finalize_onnx(raw_dir / "model.onnx", out_dir / "model.onnx")
+        # Run-time LoRAs patch MatMul weights by initializer name, in ONNX Runtime's
+        # optimized graph and TensorRT's refit, where a Transpose before them would be folded
+        # into unnamed weights: those graphs keep the tracer's layout.
+        lora = lora_ready and graph.name in LORA_COMPONENTS
+        files = finalize_onnx(raw_dir / "model.onnx", out_dir / "model.onnx", not lora)
         shutil.rmtree(raw_dir)
-    if lora_ready and graph.name in LORA_COMPONENTS:
+    if lora:
         files = prepare_lora_ready(out_dir / "model.onnx", models, graph.name)
     bar.update(1)
 

@@ -100,28 +100,104 @@ def export_onnx(
         )
 
 
-def finalize_onnx(raw_path: Path, final_path: Path) -> list[Path]:
+def finalize_onnx(raw_path: Path, final_path: Path, weights_out_in: bool = True) -> list[Path]:
     """Re-save the traced graph as model.onnx (+ one model.onnx_data if over 2 GB).
 
     `raw_path`'s folder is scratch: each traced tensor file is deleted once packed, so a
     >2 GB graph never takes twice its size on disk (a full-size SD 1.5 UNet: 3.4 GB, not 6.8).
+    `weights_out_in`: store MatMul weights as PyTorch holds them (`store_weights_out_in`).
     Returns every file written, for the manifest.
     """
     import onnx
 
     model = onnx.load(str(raw_path), load_external_data=False)
+    transposed = store_weights_out_in(model) if weights_out_in else set()
     if _initializer_bytes(model, raw_path.parent) > EXTERNAL_DATA_THRESHOLD:
         # Streamed tensor by tensor: a full-size SDXL UNet's weights are never all in memory.
-        _pack_external_data(model, raw_path.parent, final_path.parent / EXTERNAL_DATA_NAME)
+        _pack_external_data(
+            model, raw_path.parent, final_path.parent / EXTERNAL_DATA_NAME, transposed
+        )
         onnx.save_model(model, str(final_path))
         return [final_path, final_path.parent / EXTERNAL_DATA_NAME]
     onnx.load_external_data_for_model(model, str(raw_path.parent))
+    _transpose_embedded(model, transposed)
     onnx.save_model(model, str(final_path))
     return [final_path]
 
 
+def store_weights_out_in(model) -> set[str]:  # model: onnx.ModelProto
+    """Declare each MatMul weight [in, out] (how the tracer folds a Linear's W^T) as [out, in]
+    (PyTorch's W) behind a Transpose node; returns the initializers whose data must be
+    transposed to match, which the caller does as it writes them.
+
+    Why: OpenVINO's CPU plugin folds a [in, out] weight's transpose into a copy of its own in
+    the compute precision and keeps it beside the packed copy it computes from: the SD 1.5
+    UNet's 0.53 GiB of bf16 weights twice. Behind a Transpose it packs straight from the
+    stored (mapped, handed back) weights. ONNX Runtime and TensorRT fold the Transpose when
+    they load or build the graph (measured: ONNX Runtime's memory and speed unchanged).
+    Only a weight used by nothing but one MatMul's second input is rewritten."""
+    import onnx
+
+    graph = model.graph
+    if any(a.type in (a.GRAPH, a.GRAPHS) for node in graph.node for a in node.attribute):
+        return set()  # control flow: uses inside subgraphs are not counted here
+    uses = Counter(name for node in graph.node for name in node.input)
+    uses.update(output.name for output in graph.output)
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    matrices = {t.name: t for t in graph.initializer if len(t.dims) == 2 and t.data_type in floats}
+    nodes, transposed = [], set()
+    for node in graph.node:
+        weight = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else ""
+        if weight in matrices and uses[weight] == 1:
+            tensor = matrices[weight]
+            tensor.dims[:] = tensor.dims[::-1]
+            transposed.add(weight)
+            stored = f"{weight}_out_in"
+            nodes.append(onnx.helper.make_node("Transpose", [weight], [stored], perm=[1, 0]))
+            node.input[1] = stored
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    return transposed
+
+
+def _transpose_embedded(model, names: set[str]) -> None:  # model: onnx.ModelProto
+    """Transpose the data of the embedded initializers in `names` (dims already swapped)."""
+    from onnx import numpy_helper
+
+    for tensor in model.graph.initializer:
+        if tensor.name in names:
+            rows, cols = tensor.dims
+            data = numpy_helper.to_array(tensor).reshape(cols, rows)
+            tensor.CopyFrom(numpy_helper.from_array(data.T.copy(), tensor.name))
+
+
 def _external_info(tensor) -> dict[str, str]:  # tensor: onnx.TensorProto
     return {entry.key: entry.value for entry in tensor.external_data}
+
+
+def _tensor_bytes(info: dict[str, str], base: Path) -> bytes:
+    """An external tensor's bytes (`info`: its external_data entries)."""
+    with (base / info["location"]).open("rb") as src:
+        src.seek(int(info.get("offset", 0)))
+        return src.read(int(info["length"])) if info.get("length") else src.read()
+
+
+def _copy_tensor(info: dict[str, str], base: Path, out) -> int:  # out: a binary file
+    """Copy an external tensor's bytes to `out` in chunks; returns how many."""
+    copied = 0
+    with (base / info["location"]).open("rb") as src:
+        src.seek(int(info.get("offset", 0)))
+        left = int(info["length"]) if info.get("length") else None
+        while left is None or left > 0:
+            chunk = src.read(_COPY_CHUNK if left is None else min(left, _COPY_CHUNK))
+            if not chunk:
+                break
+            out.write(chunk)
+            copied += len(chunk)
+            if left is not None:
+                left -= len(chunk)
+    return copied
 
 
 def _initializer_bytes(model, base: Path) -> int:  # model: onnx.ModelProto
@@ -143,20 +219,24 @@ _ALIGN = 4096  # offsets on page boundaries, so the data file can be memory-mapp
 _COPY_CHUNK = 64 << 20
 
 
-def _pack_external_data(model, base: Path, data_path: Path) -> None:
+def _pack_external_data(model, base: Path, data_path: Path, transposed: set[str]) -> None:
     """Move every initializer of 1 KiB or more into one external data file, one at a time,
-    deleting each source file under `base` that held that tensor alone once it is copied."""
+    deleting each source file under `base` that held that tensor alone once it is copied;
+    the 2-D ones named in `transposed` are written transposed (their dims already are)."""
+    import numpy as np
     import onnx
 
+    external_data = onnx.TensorProto.EXTERNAL
     locations = Counter(
-        _external_info(t)["location"]
-        for t in model.graph.initializer
-        if t.data_location == onnx.TensorProto.EXTERNAL
-    )
+        _external_info(t)["location"] for t in model.graph.initializer
+        if t.data_location == external_data
+    )  # fmt: skip
+    embedded = {t.name for t in model.graph.initializer if t.data_location != external_data}
+    _transpose_embedded(model, transposed & embedded)
     offset = 0
     with data_path.open("wb") as out:
         for tensor in model.graph.initializer:
-            external = tensor.data_location == onnx.TensorProto.EXTERNAL
+            external = tensor.data_location == external_data
             if not external and len(tensor.raw_data) < 1024:
                 continue
             out.write(b"\0" * (-offset % _ALIGN))
@@ -164,17 +244,14 @@ def _pack_external_data(model, base: Path, data_path: Path) -> None:
             start = offset
             if external:
                 info = _external_info(tensor)
-                with (base / info["location"]).open("rb") as src:
-                    src.seek(int(info.get("offset", 0)))
-                    left = int(info["length"]) if info.get("length") else None
-                    while left is None or left > 0:
-                        chunk = src.read(_COPY_CHUNK if left is None else min(left, _COPY_CHUNK))
-                        if not chunk:
-                            break
-                        out.write(chunk)
-                        offset += len(chunk)
-                        if left is not None:
-                            left -= len(chunk)
+                if tensor.name in transposed:  # one weight in memory: <= 52 MB (SDXL)
+                    rows, cols = tensor.dims
+                    dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+                    data = np.frombuffer(_tensor_bytes(info, base), dtype).reshape(cols, rows)
+                    out.write(data.T.tobytes())
+                    offset += data.nbytes
+                else:
+                    offset += _copy_tensor(info, base, out)
                 if locations[info["location"]] == 1:  # torch writes a file per tensor
                     (base / info["location"]).unlink()
             else:

@@ -48,6 +48,25 @@ def test_writes_an_int8_graph_with_its_metadata_and_keeps_the_edge_convolutions(
     assert int8_status(engine, spec, verify=True).fresh
 
 
+def test_weights_stored_out_in_are_compressed_too(engine):
+    """sd-export stores MatMul weights behind a Transpose, which NNCF does not look through:
+    sd-quantize folds it into the MatMul, so no MatMul keeps a float weight."""
+    import openvino as ov
+
+    from sd_deploy.engines.int8 import fold_weight_transposes
+
+    model = ov.Core().read_model(str(engine / "unet" / "model.onnx"))
+    assert fold_weight_transposes(model) > 0 and fold_weight_transposes(model) == 0
+    quantize_components(engine)
+    int8 = ov.Core().read_model(str(int8_dir(engine, "unet") / "model.xml"))
+    seconds = [op.input_value(1).get_node() for op in int8.get_ordered_ops()
+               if op.get_type_name() == "MatMul"]  # fmt: skip
+    transposed = [s.input_value(0).get_node() for s in seconds if s.get_type_name() == "Transpose"]
+    assert seconds and all(t.get_type_name() != "Constant" for t in transposed)
+    # each weight comes through int8 decompression (Convert, Subtract, Multiply)
+    assert [s for s in seconds if s.get_type_name() == "Constant"] == []
+
+
 def test_an_up_to_date_graph_is_skipped_unless_forced(engine):
     quantize_components(engine)
     stamp = (int8_dir(engine, "unet") / "model.bin").stat().st_mtime_ns
