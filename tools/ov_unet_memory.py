@@ -4,16 +4,25 @@ then two 256 px batch-2 calls; run it under tools/peak_rss.py for its memory.
     python tools/peak_rss.py -- python tools/ov_unet_memory.py \\
         /work/sd15-engines/unet/int8/model.xml --cache /tmp/ov-cache [--weightless]
 
-Prints the compile (or import) time, whether the compiled model came from the cache, and
-the two calls' times. Run twice with the same --cache: the first fills it.
+Prints the compile (or import) time, whether the compiled model came from the cache, the
+two calls' times, and the process's anonymous RSS after each (what the plugin allocated
+when). Run twice with the same --cache: the first fills it.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import numpy as np
+
+
+def anon_gib() -> float:
+    """This process's anonymous resident memory, GiB."""
+    status = Path("/proc/self/status").read_text()
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    return int(fields["RssAnon"].split()[0]) / 2**20
 
 
 def main() -> None:
@@ -37,6 +46,7 @@ def main() -> None:
     start = time.perf_counter()
     compiled = ov.Core().compile_model(args.graph, "CPU", config)
     loaded = time.perf_counter() - start
+    anon = [round(anon_gib(), 2)]
     rng = np.random.default_rng(0)
     feeds = {
         "sample": rng.standard_normal((2, 4, 32, 32)).astype(np.float32),
@@ -49,8 +59,12 @@ def main() -> None:
         start = time.perf_counter()
         request.infer(feeds)
         calls.append(round(time.perf_counter() - start, 2))
+        anon.append(round(anon_gib(), 2))
     cached = compiled.get_property("LOADED_FROM_CACHE")
-    print(f"compile/import {loaded:.2f} s, from cache {cached}, calls {calls} s")
+    print(
+        f"compile/import {loaded:.2f} s, from cache {cached}, calls {calls} s, "
+        f"anonymous RSS after each {anon} GiB"
+    )
 
 
 if __name__ == "__main__":
