@@ -273,7 +273,16 @@ class OnnxRuntimeBackend(Backend):
             session = self.load_cached(cache, engine_dir, spec)
             if session is not None:
                 return session
-        if self.write_cache(cache, path, engine_dir, spec):
+        try:
+            written = self.write_cache(cache, path, engine_dir, spec)
+        except UserError:
+            # Writing may be what failed; without it, a bad graph still fails plainly.
+            session = self.create(path, self.session_options(), engine_dir, spec)
+            log.warning(
+                "could not write ONNX Runtime's optimized %s graph to %s", spec.name, cache.root
+            )
+            return session
+        if written:
             session = self.load_cached(cache, engine_dir, spec)
             if session is not None:
                 return session
@@ -290,7 +299,8 @@ class OnnxRuntimeBackend(Backend):
     def write_cache(
         self, cache: GraphCache, path: Path, engine_dir: Path, spec: ComponentSpec
     ) -> bool:
-        """Optimize the source graph into the cache; False (with a warning) where it cannot."""
+        """Optimize the source graph into the cache; False (with a warning) where the disk
+        will not take it; UserError where ONNX Runtime cannot (the graph or the writing)."""
         try:
             cache.check_space()
             with cache.staged() as staging:
@@ -309,12 +319,6 @@ class OnnxRuntimeBackend(Backend):
                 "--no-graph-cache stops trying): %s",
                 spec.name,
                 first_line(exc),
-            )
-            return False
-        except UserError:
-            # Writing may be what failed; the source graph, loaded next, fails plainly if bad.
-            log.warning(
-                "could not write ONNX Runtime's optimized %s graph to %s", spec.name, cache.root
             )
             return False
         cache.prune()
