@@ -90,13 +90,12 @@ def fold_weight_transposes(model: Any) -> int:
         transpose = op.input_value(1).get_node() if op.get_type_name() == "MatMul" else None
         if transpose is None or transpose.get_type_name() != "Transpose":
             continue
-        weight, perm = (transpose.input_value(i) for i in (0, 1))
-        constant = weight.get_node().get_type_name() == "Constant"
-        if constant and perm.get_node().get_type_name() == "Constant":
-            if list(perm.get_node().get_data()) == [1, 0]:
-                op.input(1).replace_source_output(weight)
-                op.set_attribute("transpose_b", not op.get_attributes()["transpose_b"])
-                folded += 1
+        weight, perm = (transpose.input_value(i).get_node() for i in (0, 1))
+        constants = {weight.get_type_name(), perm.get_type_name()} == {"Constant"}
+        if constants and list(perm.get_data()) == [1, 0]:
+            op.input(1).replace_source_output(weight.output(0))
+            op.set_attribute("transpose_b", not op.get_attributes()["transpose_b"])
+            folded += 1
     # The bypassed Transpose nodes go with the last references to them, on return: until
     # then their weights still list them as consumers (NNCF fails on such a graph).
     model.validate_nodes_and_infer_types()

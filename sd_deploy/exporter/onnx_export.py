@@ -15,6 +15,7 @@ precision policy of the PyTorch modules: norm statistics, the VAE's attention an
 from __future__ import annotations
 
 import copy
+import io
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -162,11 +163,12 @@ def store_weights_out_in(model) -> set[str]:  # model: onnx.ModelProto
 
 
 def _transpose_embedded(model, names: set[str]) -> None:  # model: onnx.ModelProto
-    """Transpose the data of the embedded initializers in `names` (dims already swapped)."""
-    from onnx import numpy_helper
+    """Transpose the data of the embedded initializers in `names` (dims already swapped);
+    external ones are transposed as they are packed."""
+    from onnx import TensorProto, numpy_helper
 
     for tensor in model.graph.initializer:
-        if tensor.name in names:
+        if tensor.name in names and tensor.data_location != TensorProto.EXTERNAL:
             rows, cols = tensor.dims
             data = numpy_helper.to_array(tensor).reshape(cols, rows)
             tensor.CopyFrom(numpy_helper.from_array(data.T.copy(), tensor.name))
@@ -174,13 +176,6 @@ def _transpose_embedded(model, names: set[str]) -> None:  # model: onnx.ModelPro
 
 def _external_info(tensor) -> dict[str, str]:  # tensor: onnx.TensorProto
     return {entry.key: entry.value for entry in tensor.external_data}
-
-
-def _tensor_bytes(info: dict[str, str], base: Path) -> bytes:
-    """An external tensor's bytes (`info`: its external_data entries)."""
-    with (base / info["location"]).open("rb") as src:
-        src.seek(int(info.get("offset", 0)))
-        return src.read(int(info["length"])) if info.get("length") else src.read()
 
 
 def _copy_tensor(info: dict[str, str], base: Path, out) -> int:  # out: a binary file
@@ -231,8 +226,7 @@ def _pack_external_data(model, base: Path, data_path: Path, transposed: set[str]
         _external_info(t)["location"] for t in model.graph.initializer
         if t.data_location == external_data
     )  # fmt: skip
-    embedded = {t.name for t in model.graph.initializer if t.data_location != external_data}
-    _transpose_embedded(model, transposed & embedded)
+    _transpose_embedded(model, transposed)
     offset = 0
     with data_path.open("wb") as out:
         for tensor in model.graph.initializer:
@@ -247,7 +241,9 @@ def _pack_external_data(model, base: Path, data_path: Path, transposed: set[str]
                 if tensor.name in transposed:  # one weight in memory: <= 52 MB (SDXL)
                     rows, cols = tensor.dims
                     dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-                    data = np.frombuffer(_tensor_bytes(info, base), dtype).reshape(cols, rows)
+                    raw = io.BytesIO()
+                    _copy_tensor(info, base, raw)
+                    data = np.frombuffer(raw.getbuffer(), dtype).reshape(cols, rows)
                     out.write(data.T.tobytes())
                     offset += data.nbytes
                 else:
