@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import numpy as np
+
+from sd_deploy.benchmarks.timing import status_kib
 
 
 def anon_gib() -> float:
     """This process's anonymous resident memory, GiB."""
-    status = Path("/proc/self/status").read_text()
-    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
-    return int(fields["RssAnon"].split()[0]) / 2**20
+    return (status_kib("RssAnon") or 0) / 2**20
 
 
 def main() -> None:

@@ -121,7 +121,8 @@ class TimedBackend(Backend):
 # ------------------------------------------------------------------------------------ memory
 
 
-def _status_kib(field: str) -> int | None:
+def status_kib(field: str) -> int | None:
+    """A kB field of /proc/self/status (VmRSS, RssAnon, ...), or None where it is missing."""
     try:
         with open("/proc/self/status") as status:
             for line in status:
@@ -134,13 +135,13 @@ def _status_kib(field: str) -> int | None:
 
 def host_rss_mib() -> float | None:
     """Resident set size of this process now (MiB), or None where /proc is missing."""
-    kib = _status_kib("VmRSS")
+    kib = status_kib("VmRSS")
     return None if kib is None else kib / 1024.0
 
 
 def host_peak_rss_mib() -> float | None:
     """Peak resident set size since start or the last `reset_peak_rss` (MiB)."""
-    kib = _status_kib("VmHWM")
+    kib = status_kib("VmHWM")
     return None if kib is None else kib / 1024.0
 
 
