@@ -13,6 +13,7 @@ import pytest
 
 from sd_deploy.engine_dir.layout import ORT_CACHE_DIR as CACHE_DIR_NAME
 from sd_deploy.engine_dir.manifest import read_manifest
+from sd_deploy.errors import UserError
 from sd_deploy.runtime.backends.onnxruntime import OnnxRuntimeBackend
 
 
@@ -101,6 +102,33 @@ def test_the_session_writing_the_cache_does_not_prepack_and_is_not_the_one_run(e
     assert source == engine / "unet" / "model.onnx" and no_prepack == "1"
     assert Path(written).parent.parent == engine / "unet" / CACHE_DIR_NAME  # the staging dir
     assert ran.parent.parent == engine / "unet" / CACHE_DIR_NAME and not none
+
+
+def test_a_failed_write_warns_and_runs_the_source_graph(engine, monkeypatch, caplog):
+    create = OnnxRuntimeBackend.create
+
+    def failing_writer(self, path, options, *args):
+        if options.optimized_model_filepath:
+            raise UserError("cannot load it with ONNX Runtime: writing failed")
+        return create(self, path, options, *args)
+
+    monkeypatch.setattr(OnnxRuntimeBackend, "create", failing_writer)
+    with caplog.at_level(logging.WARNING, logger="sd_deploy"):
+        session, spec, level = open_unet(engine)
+    assert "could not write ONNX Runtime's optimized unet graph" in caplog.records[-1].getMessage()
+    assert level.name == "ORT_ENABLE_ALL"  # the source graph, optimized in memory
+    assert np.isfinite(session.run(unet_inputs(spec))["model_output"]).all()
+    assert entries(engine) == []
+
+
+def test_a_corrupt_source_graph_fails_with_its_own_error_and_no_cache_warning(engine, caplog):
+    (engine / "unet" / "model.onnx").write_bytes(b"\x00not a graph")
+    with caplog.at_level(logging.WARNING, logger="sd_deploy"):
+        with pytest.raises(UserError, match="cannot load .*model.onnx with ONNX Runtime") as info:
+            open_unet(engine)
+    assert "\n" not in str(info.value)
+    assert not [r for r in caplog.records if "could not write" in r.getMessage()]
+    assert entries(engine) == []
 
 
 def test_too_little_disk_warns_and_runs_without_cache(engine, monkeypatch, caplog):
